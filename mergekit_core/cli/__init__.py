@@ -1,0 +1,86 @@
+"""The `mk` command: builds a plugin host, lets plugins add commands, turns errors into one line.
+
+Expected errors (:class:`MergekitError`) print ``Error: ...`` (and ``hint: ...``) on stderr and
+exit with status 2 (usage, config) or 1 (runtime). ``MK_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import typer
+
+from mergekit_core.errors import MergekitError
+from mergekit_core.plugins import PluginHost
+
+HELP = (
+    "Merge fine-tuned models and PEFT adapters of one base model into one model.\n\n"
+    "Methods, transforms, lambda policies, optimizers, evaluators and search strategies come "
+    "from plugins: 'mk plugins list' shows what is installed, 'mk plugins show NAME' how to "
+    "use one."
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mergekit_core import __version__
+
+        typer.echo(f"mk (mergekit-core) {__version__}")
+        raise typer.Exit()
+
+
+def build_app(host: PluginHost) -> typer.Typer:
+    """The Typer app for one host: the core's command groups plus every plugin's."""
+    from mergekit_core.cli import plugins_cmd
+
+    app = typer.Typer(
+        name="mk",
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def _root(
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ) -> None:
+        """Merge fine-tuned models and PEFT adapters of one base model into one model."""
+
+    app.add_typer(plugins_cmd.make_app(host), name="plugins")
+    host.register_commands(app)
+    return app
+
+
+def report_error(error: MergekitError) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]Error:[/] {escape(error.message)}")
+    if error.hint:
+        console.print(f"[yellow]hint:[/] {escape(error.hint)}")
+
+
+def main(argv: Sequence[str] | None = None, host: PluginHost | None = None) -> None:
+    """Console-script entry point; always ends with SystemExit."""
+    debug = os.environ.get("MK_DEBUG", "") not in ("", "0")
+    try:
+        host = host if host is not None else PluginHost()
+        app = build_app(host)
+        app(args=list(argv) if argv is not None else None, prog_name="mk")
+    except MergekitError as error:
+        if debug:
+            raise
+        report_error(error)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("Interrupted.", file=sys.stderr)
+        sys.exit(130)

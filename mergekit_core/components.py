@@ -1,0 +1,420 @@
+"""The component types that plugins provide.
+
+A component is a small object with a ``name``, a one-line ``description`` and declared
+``params``. Plugins subclass one of the kinds below and return instances from a hook::
+
+    class Halve(MergeMethod):
+        name = "halve"
+        description = "Half of the sum of the task vectors."
+        params = (Param("scale", 0.5, help="factor applied to the sum", min=0.0),)
+
+        def merge(self, group, params, state=None):
+            return params["scale"] * sum(group.tensors)
+
+Component modules must stay light: import torch (or scikit-learn) inside the methods that need
+it, never at the top of the module, so that ``mk --help`` and ``mk plugins list`` stay fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from mergekit_core.errors import ParameterError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED: Any = _Required()
+"""Sentinel default of a parameter that the user must give."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter of a component.
+
+    ``type`` is checked with ``isinstance`` (an ``int`` is accepted where ``float`` is asked);
+    ``choices``, ``min`` and ``max`` are checked when set. ``None`` is accepted as a value only
+    when it is the default.
+    """
+
+    name: str
+    default: Any = REQUIRED
+    help: str = ""
+    type: type | tuple[type, ...] | None = None
+    choices: tuple[Any, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "required": self.required, "help": self.help}
+        if not self.required:
+            out["default"] = self.default
+        if self.choices is not None:
+            out["choices"] = list(self.choices)
+        if self.min is not None:
+            out["min"] = self.min
+        if self.max is not None:
+            out["max"] = self.max
+        return out
+
+    def check(self, owner: str, value: Any) -> Any:
+        """Return ``value`` (ints widened to float where a float is asked) or raise ParameterError."""
+        if value is None and self.default is None:
+            return value
+        expected = self.type
+        if expected is not None:
+            types = expected if isinstance(expected, tuple) else (expected,)
+            if float in types and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if isinstance(value, bool) and bool not in types:
+                ok = False
+            else:
+                ok = isinstance(value, types)
+            if not ok:
+                names = " or ".join(t.__name__ for t in types)
+                raise ParameterError(
+                    f"{owner}: parameter '{self.name}' must be {names}, got {value!r}"
+                )
+        if self.choices is not None and value not in self.choices:
+            raise ParameterError(
+                f"{owner}: parameter '{self.name}' must be one of "
+                f"{', '.join(map(str, self.choices))}; got {value!r}"
+            )
+        if self.min is not None and isinstance(value, (int, float)) and value < self.min:
+            raise ParameterError(f"{owner}: parameter '{self.name}' must be >= {self.min}, got {value!r}")
+        if self.max is not None and isinstance(value, (int, float)) and value > self.max:
+            raise ParameterError(f"{owner}: parameter '{self.name}' must be <= {self.max}, got {value!r}")
+        return value
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to ``name``, for 'did you mean' hints."""
+    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+class Component:
+    """Base of every component kind."""
+
+    kind: ClassVar[str] = "component"
+    kind_label: ClassVar[str] = "component"
+
+    name: str = ""
+    description: str = ""
+    params: tuple[Param, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def validate(self, params: dict[str, Any]) -> None:
+        """Check relations between parameters; raise ParameterError. Override when needed."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind_label} '{self.name}'"
+
+    def resolve_params(self, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Validate ``given`` against the declared params and fill in defaults.
+
+        Unknown or missing parameters are an error that lists the known ones.
+        """
+        given = dict(given or {})
+        declared = {p.name: p for p in self.params}
+        known = ", ".join(declared) or "(none)"
+        unknown = [k for k in given if k not in declared]
+        if unknown:
+            key = unknown[0]
+            guess = closest(key, declared)
+            hint = f" (did you mean '{guess}'?)" if guess else ""
+            raise ParameterError(
+                f"{self.label}: unknown parameter '{key}'{hint}; known parameters: {known}"
+            )
+        missing = [p.name for p in self.params if p.required and p.name not in given]
+        if missing:
+            raise ParameterError(
+                f"{self.label}: missing required parameter '{missing[0]}'; known parameters: {known}"
+            )
+        resolved = {}
+        for p in self.params:
+            value = given[p.name] if p.name in given else p.default
+            resolved[p.name] = p.check(self.label, value)
+        self.validate(resolved)
+        return resolved
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "description": self.description,
+            "params": [p.describe() for p in self.params],
+        }
+
+
+# --------------------------------------------------------------------------- merge methods
+
+
+@dataclass
+class TensorGroup:
+    """Everything a merge method sees for one output tensor.
+
+    ``tensors`` holds one tensor per source: task vectors (deltas) when the method's ``space``
+    is ``delta``, source weights when it is ``weights``; already transformed, in the compute
+    dtype. ``coefficients`` holds one value per source from the lambda policy.
+    """
+
+    name: str
+    layer: int | None
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor]
+    coefficients: list[float]
+    source_names: list[str] = field(default_factory=list)
+
+
+class MergeMethod(Component):
+    """Combines the sources of one tensor into one merged tensor.
+
+    ``space``: ``delta`` methods receive task vectors and return a merged task vector (the
+    engine adds the base back); ``weights`` methods receive and return weights.
+    ``linear``: the merged delta is ``sum(c_t * delta_t)`` with ``c_t`` from
+    :meth:`linear_coefficients`; the engine then merges adapters by exact factor concatenation.
+    """
+
+    kind = "merge_method"
+    kind_label = "merge method"
+    space: ClassVar[Literal["delta", "weights"]] = "delta"
+    min_sources: ClassVar[int] = 1
+    max_sources: ClassVar[int | None] = None
+    linear: ClassVar[bool] = False
+    needs_prepare: ClassVar[bool] = False
+    default_lambda_policy: ClassVar[str] = "scalar"
+
+    def prepare(self, plan: Any, params: dict[str, Any]) -> Any:
+        """One global pass before streaming (thresholds, clustering); returns a state."""
+        return None
+
+    def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
+        """For linear methods: the ``c_t`` with merged = sum(c_t * delta_t)."""
+        raise NotImplementedError(f"{self.label} is not linear")
+
+    def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(
+            space=self.space,
+            min_sources=self.min_sources,
+            max_sources=self.max_sources,
+            linear=self.linear,
+        )
+        return out
+
+
+# --------------------------------------------------------------------------- the other kinds
+
+
+class Transform(Component):
+    """Changes one source's delta before merging (sparsify, mask, quantize).
+
+    Random transforms must draw only from ``rng`` (a seeded ``torch.Generator``), so that a
+    merge is reproducible from its metadata.
+    """
+
+    kind = "transform"
+    kind_label = "transform"
+
+    def apply(
+        self, name: str, delta: torch.Tensor, params: dict[str, Any], rng: torch.Generator
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LambdaPolicy(Component):
+    """Decides the coefficient of each (source, tensor).
+
+    ``values`` is the policy's state: what optimizers and sweeps search over. ``space`` names the
+    searchable entries; ``initial_values`` builds the state from the resolved params.
+    """
+
+    kind = "lambda_policy"
+    kind_label = "lambda policy"
+
+    def initial_values(
+        self, params: dict[str, Any], num_sources: int, layers: Sequence[int]
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+    def space(
+        self, params: dict[str, Any], num_sources: int, layers: Sequence[int]
+    ) -> list[str]:
+        """The keys of ``values`` that a search may change."""
+        return list(self.initial_values(params, num_sources, layers))
+
+    def resolve(
+        self, tensor_name: str, layer: int | None, source_index: int, values: Mapping[str, float]
+    ) -> float:
+        raise NotImplementedError
+
+
+@dataclass
+class OptimizerContext:
+    """What an optimizer may use: the plan, the evaluators, and a way to build merges."""
+
+    plan: Any
+    policy: LambdaPolicy
+    policy_params: dict[str, Any]
+    initial_values: dict[str, float]
+    evaluate: Callable[[dict[str, float]], dict[str, float]] | None = None
+    build_merged: Callable[[dict[str, float]], dict[str, Any]] | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Optimizer(Component):
+    """Chooses the lambda-policy values before the merge is streamed."""
+
+    kind = "optimizer"
+    kind_label = "optimizer"
+
+    def optimize(self, context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task an evaluator scores: its primary metric and whether higher is better."""
+
+    name: str
+    metric: str
+    higher_is_better: bool = True
+
+
+class Evaluator(Component):
+    """Scores a merged model on named tasks and splits."""
+
+    kind = "evaluator"
+    kind_label = "evaluator"
+
+    def tasks(self, params: dict[str, Any]) -> list[TaskInfo]:
+        raise NotImplementedError
+
+    def evaluate(
+        self,
+        model: Any,
+        task: str,
+        split: str,
+        subset: Sequence[int] | None,
+        params: dict[str, Any],
+    ) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Search:
+    """One running search: propose points, learn their scores (higher is better)."""
+
+    def ask(self) -> dict[str, Any] | None:
+        """The next point, or None when the search is done."""
+        raise NotImplementedError
+
+    def tell(self, point: dict[str, Any], score: float) -> None:
+        raise NotImplementedError
+
+
+class SearchStrategy(Component):
+    """Makes :class:`Search` objects for sweeps."""
+
+    kind = "search_strategy"
+    kind_label = "search strategy"
+
+    def start(self, space: dict[str, Any], params: dict[str, Any], seed: int) -> Search:
+        raise NotImplementedError
+
+
+class Executor(Component):
+    """Where sweep trials run: in this process (``local``) or elsewhere."""
+
+    kind = "executor"
+    kind_label = "executor"
+
+    def map(
+        self, fn: Callable[[Any], Any], items: Iterable[Any], params: dict[str, Any]
+    ) -> Iterator[Any]:
+        raise NotImplementedError
+
+
+class Format(Component):
+    """A checkpoint format: ``sniff`` tells whether a path holds it; readers open it lazily."""
+
+    kind = "format"
+    kind_label = "format"
+    can_read: ClassVar[bool] = True
+    can_write: ClassVar[bool] = False
+    priority: ClassVar[int] = 0
+    """Higher wins when several formats sniff the same path."""
+
+    def sniff(self, path: Any) -> bool:
+        raise NotImplementedError
+
+    def open(self, path: Any) -> Any:
+        raise NotImplementedError
+
+
+class Architecture(Component):
+    """Knowledge of a model family: tensor name -> layer index, tied weights, module role."""
+
+    kind = "architecture"
+    kind_label = "architecture"
+    priority: ClassVar[int] = 0
+
+    def matches(self, model_config: Mapping[str, Any] | None, tensor_names: Sequence[str]) -> bool:
+        raise NotImplementedError
+
+    def layer_index(self, tensor_name: str) -> int | None:
+        raise NotImplementedError
+
+    def tied_weights(self, model_config: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+        return []
+
+    def module_role(self, tensor_name: str) -> str:
+        return "other"
+
+
+COMPONENT_KINDS: dict[str, type[Component]] = {
+    cls.kind: cls
+    for cls in (
+        MergeMethod,
+        Transform,
+        LambdaPolicy,
+        Optimizer,
+        Evaluator,
+        SearchStrategy,
+        Executor,
+        Format,
+        Architecture,
+    )
+}
+"""Component kind -> its base class."""
+
+KIND_HOOKS: dict[str, str] = {
+    "merge_method": "mk_merge_methods",
+    "transform": "mk_transforms",
+    "lambda_policy": "mk_lambda_policies",
+    "optimizer": "mk_optimizers",
+    "evaluator": "mk_evaluators",
+    "search_strategy": "mk_search_strategies",
+    "executor": "mk_executors",
+    "format": "mk_formats",
+    "architecture": "mk_architectures",
+}
+"""Component kind -> the hook that returns components of that kind."""

@@ -1,0 +1,1 @@
+"""Lazy checkpoint readers and streaming writers, one module per format."""

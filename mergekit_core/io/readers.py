@@ -1,0 +1,257 @@
+"""Lazy readers of full checkpoints: safetensors (file, directory, sharded) and torch state dicts.
+
+Opening a reader reads headers only. ``get(name)`` loads one tensor (memory-mapped for
+safetensors). Torch pickles are loaded only with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergekit_core.errors import FormatError
+from mergekit_core.io.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{path}: {what} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def read_model_config(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / "config.json"
+    return read_json(path, "config.json") if path.is_file() else None
+
+
+class CheckpointReader:
+    """A lazy view of one checkpoint's tensors."""
+
+    format_name = "checkpoint"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.model_config: dict[str, Any] | None = None
+
+    def infos(self) -> dict[str, TensorInfo]:
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        return list(self.infos())
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        """The files whose bytes make up this checkpoint (for checksums)."""
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.infos())
+
+
+class SafetensorsReader(CheckpointReader):
+    """One or several safetensors files; the tensor -> file map comes from the index when sharded."""
+
+    format_name = "safetensors"
+
+    def __init__(self, path: Path, headers: list[SafetensorsHeader]) -> None:
+        super().__init__(path)
+        self.headers = headers
+        self._where: dict[str, SafetensorsHeader] = {}
+        for header in headers:
+            for name in header.tensors:
+                if name in self._where:
+                    raise FormatError(
+                        f"{path}: tensor {name!r} is stored twice ({self._where[name].path.name} "
+                        f"and {header.path.name})"
+                    )
+                self._where[name] = header
+        self._infos = {n: h.tensors[n] for n, h in self._where.items()}
+        self._handles: dict[Path, Any] = {}
+
+    @classmethod
+    def from_file(cls, path: Path) -> SafetensorsReader:
+        return cls(path, [read_header(path)])
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> SafetensorsReader:
+        directory = Path(directory)
+        index_path = directory / SAFETENSORS_INDEX
+        if index_path.is_file():
+            index = read_json(index_path, "shard index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise FormatError(f"{index_path}: has no 'weight_map' object")
+            headers = []
+            for shard in sorted(set(weight_map.values())):
+                shard_path = directory / shard
+                if not shard_path.is_file():
+                    raise FormatError(f"{index_path}: names shard {shard!r}, which is missing from {directory}")
+                headers.append(read_header(shard_path))
+            reader = cls(directory, headers)
+            missing = [n for n, shard in weight_map.items()
+                       if n not in reader._where or reader._where[n].path.name != shard]
+            if missing:
+                raise FormatError(
+                    f"{index_path}: tensor {missing[0]!r} is not in shard {weight_map[missing[0]]!r} "
+                    f"({len(missing)} index entries do not match their shards)"
+                )
+        else:
+            files = sorted(p for p in directory.glob("*.safetensors") if p.name != "adapter_model.safetensors")
+            if not files:
+                raise FormatError(f"{directory}: no safetensors files")
+            reader = cls(directory, [read_header(p) for p in files])
+        reader.model_config = read_model_config(directory)
+        return reader
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return self._infos
+
+    def files(self) -> list[Path]:
+        extra = [self.path / SAFETENSORS_INDEX] if (self.path / SAFETENSORS_INDEX).is_file() else []
+        return [h.path for h in self.headers] + extra
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.headers[0].metadata) if self.headers else {}
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        header = self._where.get(name)
+        if header is None:
+            raise FormatError(f"{self.path}: has no tensor {name!r}")
+        handle = self._handles.get(header.path)
+        try:
+            if handle is None:
+                handle = safe_open(str(header.path), framework="pt")
+                self._handles[header.path] = handle
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise FormatError(f"{header.path}: cannot read tensor {name!r} ({exc})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchReader(CheckpointReader):
+    """PyTorch ``.bin``/``.pt`` state dicts, single or sharded, loaded with ``weights_only=True``.
+
+    Data is memory-mapped where the file uses the zip format (torch >= 1.6), so listing names
+    does not read the tensors' bytes.
+    """
+
+    format_name = "torch"
+
+    def __init__(self, path: Path, files: list[Path]) -> None:
+        super().__init__(path)
+        self._files = files
+        self._state: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> TorchReader:
+        directory = Path(directory)
+        index_path = directory / TORCH_INDEX
+        if index_path.is_file():
+            index = read_json(index_path, "shard index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                raise FormatError(f"{index_path}: has no 'weight_map' object")
+            files = []
+            for shard in sorted(set(weight_map.values())):
+                if not (directory / shard).is_file():
+                    raise FormatError(f"{index_path}: names shard {shard!r}, which is missing from {directory}")
+                files.append(directory / shard)
+        else:
+            files = sorted(p for p in directory.iterdir() if p.suffix in TORCH_SUFFIXES
+                           and not p.name.startswith(("adapter_model", "training_args", "optimizer")))
+        if not files:
+            raise FormatError(f"{directory}: no PyTorch state-dict files")
+        reader = cls(directory, files)
+        reader.model_config = read_model_config(directory)
+        return reader
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            state: dict[str, torch.Tensor] = {}
+            for f in self._files:
+                for name, tensor in load_torch_state_dict(f).items():
+                    if name in state:
+                        raise FormatError(f"{self.path}: tensor {name!r} is stored twice")
+                    state[name] = tensor
+            self._state = state
+        return self._state
+
+    def infos(self) -> dict[str, TensorInfo]:
+        from mergekit_core.io.dtypes import safetensors_code
+
+        return {n: TensorInfo(n, tuple(t.shape), safetensors_code(t.dtype)) for n, t in self._load().items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        state = self._load()
+        if name not in state:
+            raise FormatError(f"{self.path}: has no tensor {name!r}")
+        return state[name]
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def close(self) -> None:
+        self._state = None
+
+
+def load_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A plain ``{name: tensor}`` dict from a torch pickle, never unpickling arbitrary objects."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (pre-zip) files cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise FormatError(
+            f"{path}: refused to load: it is not a plain state dict of tensors ({first}); "
+            "convert it to safetensors with a tool you trust"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise FormatError(f"{path}: not a readable PyTorch file ({exc})") from None
+    if isinstance(obj, dict) and set(obj) == {"state_dict"} and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise FormatError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return obj
