@@ -1,0 +1,31 @@
+# Two commands: `make demo` runs a merge on a bundled example, `make test` runs every test.
+# Both create their own virtual environment in $(VENV).
+PYTHON ?= python3
+VENV ?= .venv
+# A CPU build of torch installs first where one is on hand (these machines keep 2.13.0 on disk);
+# override with `make test TORCH_SPEC='torch>=2.2'`. The package itself only asks for a range.
+TORCH_SPEC ?= torch==2.13.0
+PLUGIN_DIRS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
+BIN := $(VENV)/bin
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" || $(BIN)/pip install --quiet "torch>=2.2"
+	$(BIN)/pip install --quiet -e ".[test]" $(foreach d,$(PLUGIN_DIRS),-e "$(d:/=)[test]")
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python -m mergekit_core.demo
+
+test: install
+	$(BIN)/python -m pytest tests $(foreach d,$(PLUGIN_DIRS),$(d)tests) -q
+
+clean:
+	rm -rf $(VENV) demo-output

@@ -1,0 +1,3 @@
+from mergekit_core.cli import main
+
+main()

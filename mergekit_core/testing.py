@@ -1,0 +1,111 @@
+"""Test helpers for mergekit-core and for plugin authors.
+
+- :func:`fresh_host`: a plugin host with the built-ins and the plugin modules you name.
+- :func:`run_mk`: run ``mk`` in process, capturing exit status, stdout and stderr.
+- :func:`check_merge_method`: the contract every merge method must meet, in one call::
+
+      def test_contract():
+          check_merge_method(MyMethod())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mergekit_core.components import MergeMethod, TensorGroup
+from mergekit_core.plugins import PluginHost
+
+
+def fresh_host(plugins: Mapping[str, object] | None = None, *, entry_points: bool = False,
+               environ: Mapping[str, str] | None = None) -> PluginHost:
+    """A new host: built-ins, plus ``plugins`` (name -> module), plus entry points if asked."""
+    host = PluginHost(load_entry_points=entry_points, environ=environ or {})
+    for name, module in (plugins or {}).items():
+        host.register(module, name, distribution=name)
+    return host
+
+
+@dataclass
+class MkResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_mk(args: Sequence[str], host: PluginHost | None = None,
+           env: Mapping[str, str] | None = None) -> MkResult:
+    """Run ``mk ARGS`` in this process; never raises SystemExit."""
+    from mergekit_core.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_env = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(list(args), host=host if host is not None else fresh_host())
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return MkResult(code, out.getvalue(), err.getvalue())
+
+
+def _group(num_sources: int, shape: tuple[int, ...], seed: int, coefficient: float = 0.5) -> TensorGroup:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    tensors = [torch.randn(shape, generator=g) * 0.1 for _ in range(num_sources)]
+    return TensorGroup(
+        name="model.layers.0.mlp.up_proj.weight", layer=0, base=base, tensors=tensors,
+        coefficients=[coefficient] * num_sources, source_names=[f"s{i}" for i in range(num_sources)],
+    )
+
+
+def check_merge_method(method: MergeMethod, params: Mapping[str, Any] | None = None) -> None:
+    """Assert the merge-method contract on small random tensors.
+
+    Declares a name, a description and sane source bounds; resolves its parameters; returns a
+    tensor of the input shape and float dtype; leaves its inputs untouched; is deterministic;
+    and, when it declares itself linear, equals ``sum(c_t * x_t)`` for its coefficients.
+    """
+    import torch
+
+    assert method.name and method.description, "a method needs a name and a description"
+    assert method.space in ("delta", "weights"), f"space must be delta or weights, not {method.space!r}"
+    assert method.min_sources >= 1
+    assert method.max_sources is None or method.max_sources >= method.min_sources
+    resolved = method.resolve_params(params)
+    n = method.min_sources if method.max_sources == method.min_sources else max(2, method.min_sources)
+    if method.max_sources is not None:
+        n = min(n, method.max_sources)
+    for shape in ((6, 5), (7,)):
+        group = _group(n, shape, seed=0)
+        before = [t.clone() for t in group.tensors]
+        state = method.prepare(None, resolved) if method.needs_prepare else None
+        out = method.merge(group, resolved, state)
+        assert isinstance(out, torch.Tensor), f"{method.name}: merge must return a tensor"
+        assert tuple(out.shape) == shape, f"{method.name}: merged shape {tuple(out.shape)} != {shape}"
+        assert out.is_floating_point(), f"{method.name}: merged tensor must be floating point"
+        assert torch.isfinite(out).all(), f"{method.name}: merged tensor has NaN or Inf"
+        for a, b in zip(before, group.tensors):
+            assert torch.equal(a, b), f"{method.name}: merge changed its input tensors"
+        again = method.merge(_group(n, shape, seed=0), resolved, state)
+        assert torch.equal(out, again), f"{method.name}: merge is not deterministic"
+        if method.linear:
+            fresh = _group(n, shape, seed=0)
+            coefficients = method.linear_coefficients(fresh, resolved)
+            assert len(coefficients) == n
+            expected = sum(c * t for c, t in zip(coefficients, fresh.tensors))
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,24 @@
+"""Every built-in merge method meets the contract of mergekit_core.testing."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergekit_core.testing import check_merge_method, fresh_host
+
+HOST = fresh_host()
+
+
+@pytest.mark.parametrize("name", HOST.names("merge_method"))
+def test_builtin_method_contract(name):
+    check_merge_method(HOST.get("merge_method", name))
+
+
+@pytest.mark.parametrize("kind", ["merge_method", "transform", "lambda_policy", "optimizer",
+                                  "search_strategy", "executor", "format", "architecture"])
+def test_every_builtin_component_describes_itself(kind):
+    for comp in HOST.components(kind):
+        info = comp.describe()
+        assert info["name"] and info["description"] and info["kind"] == kind
+        for p in info["params"]:
+            assert p["help"], f"{comp.name}.{p['name']} needs a help line"
