@@ -37,7 +37,7 @@ class Uniform(LinearMethod):
     default_lambda_policy = "scalar"
 
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
-        n = len(group.tensors)
+        n = len(group.coefficients)
         return [1.0 / n] * n
 
 

@@ -52,6 +52,8 @@ class CheckpointReader:
         return list(self.infos())
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor. It may share memory with the file's mapping and with later reads of the
+        same name: never modify it in place."""
         raise NotImplementedError
 
     def files(self) -> list[Path]:

@@ -1,0 +1,226 @@
+"""`mk merge`: run a merge from a YAML config, from flags, or both (flags win)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mergekit_core.errors import UsageError
+from mergekit_core.plugins import PluginHost
+
+EPILOG = (
+    "Examples:  mk merge configs/merge_weighted_scalar.yaml  |  "
+    "mk merge --method task_arithmetic --base BASE --adapters A B --lambda 0.3 --out merged/"
+)
+
+
+def _parse_params(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--param {item!r}: write KEY=VALUE, e.g. --param k=20")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_spec(config: Path | None, overrides: dict[str, Any]) -> Any:
+    from mergekit_core.config import MergeConfig, load_merge_config
+
+    cfg = load_merge_config(config) if config is not None else MergeConfig.from_dict({}, None)
+    return cfg.with_overrides(overrides).to_spec()
+
+
+class RichProgress:
+    """Maps engine progress events onto one rich progress bar on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
+            TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
+            console=Console(stderr=True), transient=True,
+        )
+        self.task: Any = None
+
+    def __call__(self, event: str, **info: Any) -> None:
+        if event == "start":
+            self.progress.start()
+            self.task = self.progress.add_task("merge", total=info["total"], name="")
+        elif event == "tensor":
+            self.progress.update(self.task, advance=1, name=info["name"][-48:])
+        elif event == "end":
+            self.progress.stop()
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
+    """The dry run: read headers and configs, validate everything, describe what would happen."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from mergekit_core.engine.plan import build_plan
+    from mergekit_core.engine.run import lambda_values, resolve_components
+
+    comps = resolve_components(spec, host)
+    plan = build_plan(spec, host, comps.method)
+    try:
+        values = lambda_values(plan, comps, host)
+        console = Console()
+        console.print(f"[bold]dry run[/]: {comps.method.name} of {len(plan.sources)} sources "
+                      f"-> {plan.output_kind}" + (f" at {spec.output.path}" if spec.output.path else ""))
+        sources = Table(title="sources")
+        for col in ("#", "name", "format", "path"):
+            sources.add_column(col)
+        if plan.base is not None:
+            sources.add_row("base", "-", plan.base.format_name, escape(str(spec.base_model)))
+        for i, s in enumerate(plan.sources):
+            fmt = s.reader.format_name
+            if s.is_adapter:
+                cfg = s.reader.config
+                fmt += f" ({'DoRA' if cfg.use_dora else cfg.peft_type}, r={cfg.r})"
+            sources.add_row(str(i), escape(s.name), fmt, escape(str(s.spec.path)))
+        console.print(sources)
+        merged, copied, dropped = (plan.by_action(a) for a in ("merge", "copy", "drop"))
+        console.print(f"tensors: {len(merged)} merged, {len(copied)} copied, {len(dropped)} left out")
+        reasons: dict[str, int] = {}
+        for t in copied + dropped:
+            reasons[f"{t.action}: {t.reason}"] = reasons.get(f"{t.action}: {t.reason}", 0) + 1
+        for reason, count in sorted(reasons.items()):
+            console.print(f"  {count} x {escape(reason)}")
+        for note in plan.notes[:10]:
+            console.print(f"  note: {escape(note)}")
+        layers = plan.layers
+        lam = Table(title=f"lambda per source ({comps.policy.name})")
+        lam.add_column("layer")
+        for s in plan.sources:
+            lam.add_column(escape(s.name))
+        shown = ([None] + layers) if len(layers) <= 12 else [None] + layers[:6] + layers[-6:]
+        for layer in shown:
+            row = [comps.policy.resolve("", layer, i, values) for i in range(len(plan.sources))]
+            lam.add_row("no layer" if layer is None else str(layer), *(f"{v:g}" for v in row))
+        console.print(lam)
+        per_tensor = [(len(plan.sources) + 3) * t.numel * 4 for t in merged] or [0]
+        peak = 2 * max(per_tensor)
+        out_bytes = sum(t.numel for t in merged + copied) * (2 if spec.output.dtype in ("float16", "bfloat16") else 4)
+        console.print(f"estimated peak memory for tensors: {_human(peak)} (two tensors in flight); "
+                      f"output size: about {_human(out_bytes)}")
+        return {"merged": len(merged), "copied": len(copied), "dropped": len(dropped),
+                "estimated_peak_bytes": peak}
+    finally:
+        plan.close()
+
+
+def register(app: typer.Typer, host: PluginHost) -> None:
+    @app.command("merge", epilog=EPILOG)
+    def merge(
+        inputs: list[str] = typer.Argument(None, help="A YAML config, and/or more source paths.",
+                                           show_default=False),
+        method: str = typer.Option(None, "--method", "-m", help="Merge method, e.g. task_arithmetic."),
+        sources: list[str] = typer.Option(None, "--sources", "--adapters", "--models", "-s",
+                                          help="Source model or adapter paths (space separated)."),
+        base: str = typer.Option(None, "--base", "--base-model", help="Base model directory."),
+        lam: float = typer.Option(None, "--lambda", help="The method's lambda (scaling of task vectors)."),
+        param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter KEY=VALUE (repeat)."),
+        policy: str = typer.Option(None, "--policy", help="Lambda policy: scalar, per_layer, per_task, ..."),
+        out: str = typer.Option(None, "--out", "-o", help="Write the merged model or adapter here."),
+        kind: str = typer.Option(None, "--kind", help="Output kind: auto, model or adapter."),
+        dtype: str = typer.Option(None, "--dtype", help="Output dtype: fp32, fp16 or bf16."),
+        adapter_rank: int = typer.Option(None, "--adapter-rank", help="Rank of an adapter output."),
+        mode: str = typer.Option(None, "--mode", help="merge_mode: common, strict or union."),
+        exclude: list[str] = typer.Option(None, "--exclude", help="Tensor-name glob not to merge (repeat)."),
+        seed: int = typer.Option(None, "--seed", help="Seed of random transforms."),
+        output_dir: str = typer.Option(None, "--output-dir", help="Root of run bundles (default artifacts)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; read no tensor."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or report."),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Warn on NaN/Inf instead of failing."),
+        hash_inputs: bool = typer.Option(False, "--hash-inputs", help="Full sha256 of large input files too."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    ) -> None:
+        """Merge sources (fine-tuned models or PEFT adapters) into one model or adapter."""
+        inputs = list(inputs or [])
+        configs = [p for p in inputs if p.endswith((".yaml", ".yml"))]
+        if len(configs) > 1:
+            raise UsageError(f"give one config file, got {len(configs)}: {', '.join(configs)}")
+        extra_sources = [p for p in inputs if p not in configs]
+        all_sources = list(sources or []) + extra_sources
+        overrides: dict[str, Any] = {
+            "method": method, "base_model": base, "lambda_policy": policy, "merge_mode": mode, "seed": seed,
+            "output_dir": output_dir, "output.path": out, "output.kind": kind, "output.dtype": dtype,
+            "output.adapter_rank": adapter_rank,
+        }
+        if all_sources:
+            overrides["sources"] = all_sources
+        if exclude:
+            overrides["exclude"] = list(exclude)
+        method_params = _parse_params(list(param or []))
+        if lam is not None:
+            method_params["lambda"] = lam
+        config_path = Path(configs[0]) if configs else None
+        if method_params:
+            from mergekit_core.config import load_merge_config
+
+            existing = (load_merge_config(config_path).data.get("method_params") or {}) if config_path else {}
+            overrides["method_params"] = {**existing, **method_params}
+        if config_path is None and not all_sources:
+            raise UsageError("nothing to merge: give a config file or --sources", hint="see 'mk merge --help'")
+        spec = build_spec(config_path, overrides)
+        if dry_run:
+            info = print_plan(spec, host)
+            if as_json:
+                typer.echo(json.dumps(info))
+            return
+        from mergekit_core.engine import run_merge
+
+        show = not quiet and not as_json and sys.stderr.isatty()
+        result = run_merge(spec, host, progress=RichProgress() if show else None,
+                           allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs)
+        summary = {
+            "method": result.method, "output_kind": result.output_kind,
+            "output": str(result.output_path) if result.output_path else None,
+            "run_dir": str(result.run_dir) if result.run_dir else None,
+            "merged": result.report.get("merged"), "copied": result.report.get("copied"),
+            "dropped": result.report.get("dropped"),
+            "relative_delta_norm": result.report.get("relative_delta_norm"),
+            "energy_kept": result.report.get("energy_kept"),
+            "wall_time_s": result.metadata["wall_time_s"], "warnings": result.metadata["warnings"],
+        }
+        if as_json:
+            typer.echo(json.dumps(summary, indent=2))
+            return
+        if quiet:
+            return
+        lines = [f"merged {summary['merged']} tensors, copied {summary['copied']}, left out {summary['dropped']} "
+                 f"in {summary['wall_time_s']:.1f} s"]
+        if summary["relative_delta_norm"] is not None:
+            lines.append(f"the merge moved the weights by {summary['relative_delta_norm']:.4f} of the base's norm")
+        if summary["energy_kept"] is not None:
+            lines.append(f"adapter truncation kept {summary['energy_kept']:.4%} of the energy")
+        lines.append(f"{result.output_kind}: {summary['output']}")
+        lines.append(f"run bundle: {summary['run_dir']}")
+        for w in summary["warnings"]:
+            lines.append(f"warning: {w}")
+        typer.echo("\n".join(lines))

@@ -1,0 +1,335 @@
+"""The YAML schema shared by merges and sweeps, and its normalisation into a :class:`MergeSpec`.
+
+``load_merge_config(path)`` reads YAML with ``yaml.safe_load`` (a config can never run code),
+checks every key, and returns a :class:`MergeConfig`; ``.to_spec()`` normalises it. Every
+problem found is reported at once, in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_core.components import closest
+from mergekit_core.errors import ConfigError
+
+MERGE_KEYS = {
+    "sources", "base_model", "method", "method_params", "merge_mode", "transforms", "lambda_policy",
+    "optimizer", "output", "include", "exclude", "seed", "compute_dtype", "sources_root", "name",
+}
+SOURCE_ALIASES = ("adapters", "models")
+SWEEP_KEYS = {"search", "eval_tasks", "split", "eval_subset", "save_merged", "constraint_nonnegative",
+              "output_dir", "evaluator", "evaluator_params"}
+LEGACY_KEYS = {"grid": "search.grid (with search.type: grid)", "lambda": "method_params.lambda",
+               "params": "method_params"}
+OUTPUT_KEYS = {"path", "kind", "dtype", "shard_size", "adapter_rank", "save"}
+MERGE_MODES = ("common", "strict", "union")
+OUTPUT_KINDS = ("auto", "model", "adapter")
+DEFAULT_SHARD = "5GB"
+DEFAULT_OUTPUT_DIR = "artifacts"
+
+
+@dataclass
+class ComponentRef:
+    """A component named in a config, with its (not yet validated) parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SourceSpec:
+    name: str
+    path: Path
+
+
+@dataclass
+class OutputSpec:
+    path: Path | None = None
+    kind: str = "auto"
+    dtype: str | None = None
+    shard_bytes: int = 5 * 1000**3
+    adapter_rank: int | None = None
+    save: bool = True
+
+
+@dataclass
+class MergeSpec:
+    """A normalised merge: what ``engine.run_merge`` takes."""
+
+    sources: list[SourceSpec]
+    method: ComponentRef
+    base_model: Path | None = None
+    merge_mode: str = "common"
+    transforms: list[ComponentRef] = field(default_factory=list)
+    lambda_policy: ComponentRef | None = None
+    optimizer: ComponentRef = field(default_factory=lambda: ComponentRef("none"))
+    output: OutputSpec = field(default_factory=OutputSpec)
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0
+    compute_dtype: str = "float32"
+    output_dir: Path = Path(DEFAULT_OUTPUT_DIR)
+    sweep: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_combo(self) -> str:
+        return "_".join(safe_name(s.name) for s in self.sources)
+
+    def to_json(self) -> dict[str, Any]:
+        def conv(x: Any) -> Any:
+            if isinstance(x, Path):
+                return str(x)
+            if isinstance(x, dict):
+                return {k: conv(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [conv(v) for v in x]
+            return x
+
+        return conv(asdict(self))
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
+
+
+def parse_size(value: Any, what: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{what}: cannot read size {value!r}; write e.g. 5GB, 500MB or a number of bytes")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    size = int(number * powers[unit])
+    if size <= 0:
+        raise ConfigError(f"{what}: size must be positive, got {value!r}")
+    return size
+
+
+def component_ref(value: Any, what: str, problems: list[str]) -> ComponentRef | None:
+    """``name`` or ``{name: ..., params: {...}}``."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return ComponentRef(value)
+    if isinstance(value, Mapping):
+        extra = set(value) - {"name", "params", "type"}
+        if extra:
+            problems.append(f"{what}: unknown key '{sorted(extra)[0]}' (use name and params)")
+        name = value.get("name", value.get("type"))
+        params = value.get("params") or {}
+        if not isinstance(name, str):
+            problems.append(f"{what}: needs a 'name'")
+            return None
+        if not isinstance(params, Mapping):
+            problems.append(f"{what}: 'params' must be a mapping")
+            params = {}
+        return ComponentRef(name, dict(params))
+    problems.append(f"{what}: must be a name or {{name, params}}, got {value!r}")
+    return None
+
+
+@dataclass
+class MergeConfig:
+    """The raw, key-checked config; :meth:`to_spec` normalises and validates values."""
+
+    data: dict[str, Any]
+    path: Path | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: Path | None = None) -> MergeConfig:
+        where = str(path) if path else "config"
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
+        data = dict(data)
+        for alias in SOURCE_ALIASES:
+            if alias in data:
+                if "sources" in data:
+                    raise ConfigError(f"{where}: give the sources once, as 'sources' (or '{alias}')")
+                data["sources"] = data.pop(alias)
+        for old, new in LEGACY_KEYS.items():
+            if old in data:
+                warnings.warn(f"{where}: '{old}' is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+                value = data.pop(old)
+                if old == "grid":
+                    search = dict(data.get("search") or {})
+                    search.setdefault("type", "grid")
+                    search.setdefault("grid", value)
+                    data["search"] = search
+                elif old == "lambda":
+                    data["method_params"] = {**(data.get("method_params") or {}), "lambda": value}
+                else:
+                    data["method_params"] = {**(value or {}), **(data.get("method_params") or {})}
+        known = MERGE_KEYS | SWEEP_KEYS | set(SOURCE_ALIASES)
+        problems = []
+        for key in data:
+            if key not in known:
+                guess = closest(key, known)
+                problems.append(f"unknown key '{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems))
+        return cls(data, path)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> MergeConfig:
+        """Flags win over the file: ``{"method": "ties", "output.path": "out"}``."""
+        data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.data.items()}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if "." in key:
+                head, tail = key.split(".", 1)
+                data[head] = {**(data.get(head) or {}), tail: value}
+            else:
+                data[key] = value
+        return MergeConfig.from_dict(data, self.path)
+
+    def to_spec(self) -> MergeSpec:
+        d, problems = self.data, []
+        where = str(self.path) if self.path else "config"
+        base_dir = self.path.parent if self.path else Path.cwd()
+        root = d.get("sources_root")
+        sources = self._sources(d.get("sources"), base_dir, root, problems)
+        base = d.get("base_model")
+        base_path = self._path(base, base_dir) if base else None
+        if base and not base_path.exists():
+            problems.append(f"base_model: {base_path} does not exist")
+        method = component_ref(d.get("method"), "method", problems)
+        if method is None and "method" not in d:
+            problems.append("method: missing; name a merge method (see 'mk plugins list')")
+        method_params = d.get("method_params") or {}
+        if not isinstance(method_params, Mapping):
+            problems.append("method_params: must be a mapping")
+            method_params = {}
+        if method is not None:
+            method.params = {**method.params, **dict(method_params)}
+        mode = d.get("merge_mode", "common")
+        if mode not in MERGE_MODES:
+            problems.append(f"merge_mode: must be one of {', '.join(MERGE_MODES)}, got {mode!r}")
+        transforms_raw = d.get("transforms") or []
+        if not isinstance(transforms_raw, list):
+            problems.append("transforms: must be a list of names or {name, params}")
+            transforms_raw = []
+        transforms = [t for i, v in enumerate(transforms_raw)
+                      if (t := component_ref(v, f"transforms[{i}]", problems)) is not None]
+        policy = component_ref(d.get("lambda_policy"), "lambda_policy", problems)
+        optimizer = component_ref(d.get("optimizer", "none"), "optimizer", problems) or ComponentRef("none")
+        output = self._output(d.get("output"), base_dir, problems)
+        include, exclude = d.get("include") or [], d.get("exclude") or []
+        for key, value in (("include", include), ("exclude", exclude)):
+            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                problems.append(f"{key}: must be a list of tensor-name patterns (glob, e.g. '*.lm_head.*')")
+        seed = d.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            problems.append(f"seed: must be an integer, got {seed!r}")
+        compute = d.get("compute_dtype", "float32")
+        try:
+            from mergekit_core.io.dtypes import parse_user_dtype
+
+            compute = parse_user_dtype(compute, "compute_dtype")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems))
+        return MergeSpec(
+            sources=sources, method=method, base_model=base_path, merge_mode=mode, transforms=transforms,
+            lambda_policy=policy, optimizer=optimizer, output=output, include=include, exclude=exclude,
+            seed=seed, compute_dtype=compute,
+            output_dir=self._path(d.get("output_dir", DEFAULT_OUTPUT_DIR), base_dir),
+            sweep={k: d[k] for k in SWEEP_KEYS if k in d},
+        )
+
+    @staticmethod
+    def _path(value: Any, base_dir: Path) -> Path:
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else (base_dir / p)
+
+    def _sources(self, raw: Any, base_dir: Path, root: Any, problems: list[str]) -> list[SourceSpec]:
+        if not raw or not isinstance(raw, list):
+            problems.append("sources: give a list of model or adapter paths (or task names with sources_root)")
+            return []
+        out: list[SourceSpec] = []
+        for i, entry in enumerate(raw):
+            if isinstance(entry, Mapping):
+                name, value = entry.get("name"), entry.get("path")
+            else:
+                name, value = None, entry
+            if not isinstance(value, (str, Path)):
+                problems.append(f"sources[{i}]: must be a path, a task name, or {{name, path}}")
+                continue
+            path = self._path(value, base_dir)
+            if not path.exists() and root is not None:
+                path = self._path(Path(str(root)) / str(value), base_dir)
+            if not path.exists():
+                where = f" or under sources_root {root}" if root is not None else ""
+                problems.append(f"sources[{i}]: {value} is not a path{where}; check the name")
+                continue
+            out.append(SourceSpec(str(name) if name else Path(str(value)).name, path))
+        names = [s.name for s in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(f"sources: the name '{dup[0]}' is used twice; give each source a distinct name")
+        return out
+
+    def _output(self, raw: Any, base_dir: Path, problems: list[str]) -> OutputSpec:
+        if raw is None:
+            return OutputSpec()
+        if isinstance(raw, str):
+            raw = {"path": raw}
+        if not isinstance(raw, Mapping):
+            problems.append("output: must be a mapping (path, kind, dtype, shard_size, adapter_rank, save)")
+            return OutputSpec()
+        for key in raw:
+            if key not in OUTPUT_KEYS:
+                guess = closest(key, OUTPUT_KEYS)
+                problems.append(f"output: unknown key '{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
+        out = OutputSpec()
+        if raw.get("path"):
+            out.path = self._path(raw["path"], base_dir)
+        kind = raw.get("kind", "auto")
+        if kind not in OUTPUT_KINDS:
+            problems.append(f"output.kind: must be one of {', '.join(OUTPUT_KINDS)}, got {kind!r}")
+        out.kind = kind
+        if raw.get("dtype") is not None:
+            from mergekit_core.io.dtypes import parse_user_dtype
+
+            try:
+                out.dtype = parse_user_dtype(raw["dtype"], "output.dtype")
+            except ConfigError as exc:
+                problems.append(str(exc))
+        try:
+            out.shard_bytes = parse_size(raw.get("shard_size", DEFAULT_SHARD), "output.shard_size")
+        except ConfigError as exc:
+            problems.append(str(exc))
+        rank = raw.get("adapter_rank")
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            problems.append(f"output.adapter_rank: must be a positive integer, got {rank!r}")
+        out.adapter_rank = rank
+        out.save = bool(raw.get("save", True))
+        return out
+
+
+def load_merge_config(path: Path | str) -> MergeConfig:
+    """Read a YAML config safely; raise ConfigError naming the file on any problem."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    return MergeConfig.from_dict(data or {}, path)

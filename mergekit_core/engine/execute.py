@@ -1,0 +1,110 @@
+"""Stream a planned model merge: one tensor at a time, the next one read while this one computes.
+
+Memory is bounded by a few tensors (the inputs of this tensor and of the next), never by the
+model. Output goes to a :class:`StreamingSafetensorsWriter`, or into a dict for in-memory use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mergekit_core.engine.compute import Inputs, TensorMerger
+from mergekit_core.engine.plan import TensorPlan
+from mergekit_core.io.dtypes import torch_dtype
+from mergekit_core.io.safetensors_header import TensorInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Progress = Callable[..., None]
+
+
+@dataclass
+class StreamReport:
+    merged: int = 0
+    copied: int = 0
+    dropped: int = 0
+    bytes_written: int = 0
+    delta_sq: float = 0.0
+    base_sq: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def relative_delta_norm(self) -> float | None:
+        return (self.delta_sq / self.base_sq) ** 0.5 if self.base_sq > 0 else None
+
+
+def output_infos(merger: TensorMerger, out_dtype: str | None) -> list[TensorInfo]:
+    """Name, shape and dtype of every tensor that will be written, in order."""
+    from mergekit_core.io.dtypes import is_float, safetensors_code
+
+    infos = []
+    for t in merger.plan.tensors:
+        if t.action == "drop":
+            continue
+        dtype = t.dtype
+        if out_dtype and is_float(dtype) and t.action == "merge":
+            dtype = safetensors_code(torch_dtype(out_dtype))
+        infos.append(TensorInfo(t.name, t.shape, dtype))
+    return infos
+
+
+def _work(merger: TensorMerger, t: TensorPlan) -> tuple[TensorPlan, Any]:
+    """What the reader thread does for one tensor: read (and subtract the base)."""
+    if t.action == "merge":
+        return t, merger.load(t)
+    if t.action == "copy":
+        if t.copy_from is None:
+            return t, merger.plan.base.get(t.name)
+        source = merger.plan.sources[t.copy_from]
+        return t, source.reader.get(t.contributions[t.copy_from].key)
+    return t, None
+
+
+def _prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tuple[TensorPlan, Any]]:
+    if not tensors:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mk-read") as pool:
+        future = pool.submit(_work, merger, tensors[0])
+        for nxt in tensors[1:]:
+            current = future.result()
+            future = pool.submit(_work, merger, nxt)
+            yield current
+        yield future.result()
+
+
+def stream_merge(
+    merger: TensorMerger,
+    sink: Callable[[str, torch.Tensor], None],
+    out_dtype: str | None,
+    progress: Progress | None = None,
+) -> StreamReport:
+    """Merge every planned tensor and hand it, cast to its output dtype, to ``sink`` in plan order."""
+    report = StreamReport()
+    todo = [t for t in merger.plan.tensors if t.action != "drop"]
+    report.dropped = len(merger.plan.tensors) - len(todo)
+    infos = {i.name: i for i in output_infos(merger, out_dtype)}
+    if progress:
+        progress("start", total=len(todo), total_bytes=sum(i.nbytes for i in infos.values()))
+    for t, loaded in _prefetched(merger, todo):
+        target = torch_dtype(infos[t.name].dtype)
+        if t.action == "merge":
+            assert isinstance(loaded, Inputs)
+            merged = merger.merge(t, loaded)
+            out = merged.tensor.to(target)
+            report.delta_sq += merged.delta_sq
+            report.base_sq += merged.base_sq
+            report.merged += 1
+        else:
+            out = loaded
+            report.copied += 1
+        sink(t.name, out)
+        report.bytes_written += infos[t.name].nbytes
+        if progress:
+            progress("tensor", name=t.name, nbytes=infos[t.name].nbytes)
+    if progress:
+        progress("end")
+    return report

@@ -1,0 +1,261 @@
+"""The merge plan: every output tensor, what feeds it, or why it is copied or left out.
+
+Everything that can be checked from headers and configs is checked here, before any tensor is
+read, and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+from mergekit_core.components import Architecture, MergeMethod
+from mergekit_core.config import MergeSpec
+from mergekit_core.engine.sources import Contribution, Source, open_sources
+from mergekit_core.errors import MergeError
+from mergekit_core.io.dtypes import is_float
+from mergekit_core.io.safetensors_header import TensorInfo
+from mergekit_core.plugins import PluginHost
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor. ``action``: ``merge``, ``copy`` (from the base, or from the only source
+    that has it) or ``drop`` (not written); ``reason`` says why it is not merged."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layer: int | None
+    action: str
+    contributions: list[Contribution | None] = field(default_factory=list)
+    reason: str = ""
+    module: str | None = None  # adapter output: the module path to write
+    copy_from: int | None = None  # copy: None = from the base, else from this source
+
+    @property
+    def numel(self) -> int:
+        return TensorInfo(self.name, self.shape, self.dtype).numel
+
+
+@dataclass
+class MergePlan:
+    spec: MergeSpec
+    base: Any
+    sources: list[Source]
+    tensors: list[TensorPlan]
+    output_kind: str
+    architecture: Architecture
+    method: MergeMethod
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({t.layer for t in self.tensors if t.layer is not None})
+
+    def by_action(self, action: str) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.action == action]
+
+    def source_info(self, index: int, contribution: Contribution) -> TensorInfo | None:
+        src = self.sources[index]
+        if contribution.kind == "weight":
+            return src.reader.infos()[contribution.key]
+        if contribution.kind == "replacement":
+            return src.reader.infos()[contribution.key]
+        return None
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        if self.base is not None:
+            self.base.close()
+
+
+def _pattern_reason(name: str, include: list[str], exclude: list[str]) -> str | None:
+    for pattern in exclude:
+        if fnmatch.fnmatchcase(name, pattern):
+            return f"excluded by pattern {pattern!r}"
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return "not matched by any include pattern"
+    return None
+
+
+def choose_architecture(host: PluginHost, config: dict | None, names: list[str]) -> Architecture:
+    for arch in sorted(host.components("architecture"), key=lambda a: -a.priority):
+        if arch.matches(config, names):
+            return arch
+    raise MergeError("no architecture plugin recognises these tensor names")
+
+
+def build_plan(spec: MergeSpec, host: PluginHost, method: MergeMethod) -> MergePlan:
+    base, sources = open_sources(spec, host)
+    try:
+        return _build(spec, host, method, base, sources)
+    except BaseException:
+        for s in sources:
+            s.close()
+        if base is not None:
+            base.close()
+        raise
+
+
+def _output_kind(spec: MergeSpec, base: Any, sources: list[Source], problems: list[str]) -> str:
+    adapters = [s.is_adapter for s in sources]
+    kind = spec.output.kind
+    if kind == "auto":
+        kind = "adapter" if all(adapters) else "model"
+    if kind == "adapter" and not all(adapters):
+        full = next(s.name for s in sources if not s.is_adapter)
+        problems.append(f"output.kind adapter needs every source to be an adapter; {full} is a full model")
+    if kind == "model" and base is None and any(adapters):
+        problems.append("a model output from adapters needs base_model (the model the adapters were trained on)")
+    return kind
+
+
+def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
+           sources: list[Source]) -> MergePlan:
+    problems: list[str] = []
+    n = len(sources)
+    if n < method.min_sources or (method.max_sources is not None and n > method.max_sources):
+        top = method.max_sources if method.max_sources is not None else "any number of"
+        problems.append(f"{method.label} takes {method.min_sources} to {top} sources, got {n}")
+    kind = _output_kind(spec, base, sources, problems)
+    if base is None and not any(s.is_adapter for s in sources):
+        if method.space == "delta" and not method.linear:
+            problems.append(f"{method.label} works on task vectors and needs base_model")
+        if any(t.name != "identity" for t in spec.transforms):
+            problems.append("transforms change task vectors and need base_model")
+    reference = base if base is not None else (sources[0].reader if not sources[0].is_adapter else None)
+    config = getattr(base, "model_config", None) or getattr(sources[0].reader, "model_config", None)
+    all_names = list(reference.infos()) if reference is not None else sorted(
+        {n for s in sources for n in s.contributions})
+    arch = choose_architecture(host, config, all_names)
+    notes: list[str] = []
+
+    if spec.merge_mode == "strict":
+        sets = [set(s.contributions) for s in sources]
+        for s, names in zip(sources, sets):
+            extra = names - sets[0]
+            missing = sets[0] - names
+            if extra or missing:
+                what = (f"has {sorted(extra)[0]!r} that {sources[0].name} lacks" if extra
+                        else f"lacks {sorted(missing)[0]!r}")
+                problems.append(f"merge_mode strict: source {s.name} {what} "
+                                f"({len(extra) + len(missing)} tensors differ); use merge_mode common or union")
+                break
+
+    tensors: list[TensorPlan] = []
+    infos: dict[str, TensorInfo] = reference.infos() if reference is not None else {}
+    if kind == "adapter":
+        names = sorted({n for s in sources for n, c in s.contributions.items()})
+    else:
+        names = list(infos)
+        orphans = sorted({n for s in sources for n in s.contributions} - set(infos))
+        for name in orphans:
+            notes.append(f"{name}: left out: in a source but not in the base model")
+    tied = dict(arch.tied_weights(config))
+    for name in names:
+        contributions = [s.contributions.get(name) for s in sources]
+        present = [c for c in contributions if c is not None]
+        info = infos.get(name)
+        shape, dtype = (info.shape, info.dtype) if info else _shape_from_sources(sources, contributions, name)
+        plan = TensorPlan(name, shape, dtype, arch.layer_index(name), "merge", contributions)
+        if kind == "adapter":
+            plan.module = _module_of(sources, contributions, name)
+        reason = _pattern_reason(name, spec.include, spec.exclude)
+        if not present:
+            plan.action, plan.reason = "copy", "no source changes it"
+        elif reason:
+            plan.action, plan.reason = "copy", reason
+        elif not is_float(dtype):
+            plan.action, plan.reason = "copy", "not floating point"
+        elif spec.merge_mode == "common" and len(present) < n:
+            plan.action, plan.reason = "copy", f"only in {len(present)} of {n} sources (merge_mode common)"
+        if plan.action == "copy" and kind == "adapter":
+            plan.action = "drop"  # an adapter holds only what changes
+        elif plan.action == "copy" and base is None:
+            plan.copy_from = next((i for i, c in enumerate(contributions) if c is not None), 0)
+        if name in tied and name not in infos:
+            problems.append(f"{name}: the base ties it to {tied[name]}; merge that tensor instead")
+        if plan.action == "merge":
+            _check_shapes(plan, sources, problems)
+        tensors.append(plan)
+    if kind == "adapter":
+        _check_adapter_output(tensors, sources, base, problems)
+    if problems:
+        for s in sources:
+            s.close()
+        raise MergeError("; ".join(problems))
+    return MergePlan(spec, base, sources, tensors, kind, arch, method, notes)
+
+
+def _shape_from_sources(sources: list[Source], contributions: list[Contribution | None],
+                        name: str) -> tuple[tuple[int, ...], str]:
+    for s, c in zip(sources, contributions):
+        if c is None:
+            continue
+        if c.kind in ("weight", "replacement"):
+            info = s.reader.infos()[c.key]
+            return info.shape, info.dtype
+        reader = s.reader
+        mod, role = reader.targets()[c.key]
+        if reader.is_low_rank(mod) and role == "weight":
+            return reader.lora_factors(mod).shape, reader.infos()[next(iter(mod.keys.values()))].dtype
+    raise MergeError(f"{name}: the shape of this tensor cannot be known without base_model; give one")
+
+
+def _module_of(sources: list[Source], contributions: list[Contribution | None], name: str) -> str | None:
+    for s, c in zip(sources, contributions):
+        if c is not None and c.kind == "delta":
+            mod, role = s.reader.targets()[c.key]
+            return mod.path if role == "weight" else None
+    return None
+
+
+def _check_shapes(plan: TensorPlan, sources: list[Source], problems: list[str]) -> None:
+    for s, c in zip(sources, plan.contributions):
+        if c is None:
+            continue
+        if c.kind in ("weight", "replacement"):
+            shape = s.reader.infos()[c.key].shape
+        else:
+            reader = s.reader
+            mod, role = reader.targets()[c.key]
+            if role != "weight" or not reader.is_low_rank(mod):
+                continue
+            f = reader.lora_factors(mod)
+            numel = f.B.shape[0] * f.A.shape[1]
+            if numel != plan.numel:
+                problems.append(
+                    f"{plan.name}: source {s.name} changes it with a LoRA of shape "
+                    f"({f.B.shape[0]} x {f.A.shape[1]}), but the tensor is {list(plan.shape)}"
+                )
+            continue
+        if tuple(shape) != tuple(plan.shape):
+            hint = (" (embedding matrices of different vocabulary sizes: exclude the tensor to keep the "
+                    "base's, or resize the models first)") if len(shape) == 2 and shape[1:] == plan.shape[1:] else ""
+            problems.append(f"{plan.name}: source {s.name} has shape {list(shape)}, expected {list(plan.shape)}{hint}")
+
+
+def _check_adapter_output(tensors: list[TensorPlan], sources: list[Source], base: Any,
+                          problems: list[str]) -> None:
+    for plan in tensors:
+        if plan.action != "merge":
+            continue
+        kinds = {c.kind for c in plan.contributions if c is not None}
+        if plan.module is None and "delta" in kinds:
+            problems.append(
+                f"{plan.name}: a bias change (lora_bias or IA3) cannot be written into a LoRA adapter; "
+                "write a full model (output.kind: model) or exclude it"
+            )
+        if "replacement" in kinds and base is None:
+            problems.append(f"{plan.name}: an adapter replaces it (modules_to_save); give base_model to merge "
+                            "it, or exclude it")
+    if base is None:
+        needy = [s.name for s in sources if s.reader.config.use_dora or s.reader.peft_type == "IA3"]
+        if needy:
+            problems.append(f"source {needy[0]}: DoRA and IA3 deltas depend on the base weights; give base_model")
+    fan = {s.reader.config.fan_in_fan_out for s in sources}
+    if len(fan) > 1:
+        problems.append("the adapters disagree on fan_in_fan_out; they were trained on different layer types")
