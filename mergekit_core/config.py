@@ -85,7 +85,7 @@ class MergeSpec:
             if isinstance(x, Path):
                 return str(x)
             if isinstance(x, dict):
-                return {k: conv(v) for k, v in x.items()}
+                return {str(k): conv(v) for k, v in x.items()}
             if isinstance(x, list):
                 return [conv(v) for v in x]
             return x

@@ -33,3 +33,92 @@ def fake_dist(tmp_path, monkeypatch):
     yield make
     for module in created:
         sys.modules.pop(module, None)
+
+
+# --------------------------------------------------------------------------- tiny checkpoints
+
+
+LAYERS = 3
+
+
+def _base_tensors(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    t = {"model.embed_tokens.weight": torch.randn(20, 8, generator=g)}
+    for i in range(LAYERS):
+        t[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(8, 8, generator=g)
+        t[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(12, 8, generator=g)
+        t[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(8)
+    t["model.norm.weight"] = torch.ones(8)
+    t["lm_head.weight"] = torch.randn(20, 8, generator=g)
+    t["model.rotary.inv_freq_steps"] = torch.arange(4)
+    return t
+
+
+@pytest.fixture
+def models(tmp_path):
+    """A base and three full fine-tunes (``ft3`` lacks one tensor), as safetensors model dirs.
+
+    Returns ``(paths: dict[name, Path], tensors: dict[name, dict[str, Tensor]])``.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    base = _base_tensors()
+    out, tensors = {}, {"base": base}
+    g = torch.Generator().manual_seed(1)
+    for name in ("ft1", "ft2", "ft3"):
+        tensors[name] = {k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+                         for k, v in base.items()}
+    del tensors["ft3"]["model.layers.2.mlp.up_proj.weight"]
+    for name, sd in tensors.items():
+        d = tmp_path / name
+        d.mkdir()
+        save_file(sd, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+        out[name] = d
+    return out, tensors
+
+
+@pytest.fixture
+def lora_adapters(tmp_path, models):
+    """Two LoRA adapters on the ``models`` base: ``a`` (r=4, alpha 8) on q_proj of layers 0-1 and
+    ``b`` (r=2, rsLoRA, alpha 4) on q_proj of layer 0 and up_proj of layer 1.
+
+    Returns ``(paths, deltas)`` with ``deltas[name][base tensor] = exact dense delta``.
+    """
+    import json
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    paths, deltas = {}, {}
+    specs = {
+        "a": (4, 8.0, False, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]),
+        "b": (2, 4.0, True, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]),
+    }
+    g = torch.Generator().manual_seed(7)
+    base = models[1]["base"]
+    for name, (r, alpha, rslora, modules) in specs.items():
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        tensors, deltas[name] = {}, {}
+        for m in modules:
+            out_dim, in_dim = base[f"{m}.weight"].shape
+            A = torch.randn(r, in_dim, generator=g) * 0.1
+            B = torch.randn(out_dim, r, generator=g) * 0.1
+            tensors[f"base_model.model.{m}.lora_A.weight"] = A
+            tensors[f"base_model.model.{m}.lora_B.weight"] = B
+            deltas[name][f"{m}.weight"] = scale * B @ A
+        d = tmp_path / f"adapter_{name}"
+        d.mkdir()
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": rslora,
+            "target_modules": ["q_proj", "up_proj"], "base_model_name_or_path": "tiny-base",
+        }))
+        paths[name] = d
+    return paths, deltas
