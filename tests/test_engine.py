@@ -182,15 +182,15 @@ def test_crash_mid_merge_leaves_no_output(tmp_path, models, monkeypatch):
     from mergekit_core.builtin import methods
 
     calls = {"n": 0}
-    original = methods.LinearMethod.merge
+    original = methods.Uniform.linear_coefficients
 
-    def crashing(self, group, params, state=None):
+    def crashing(self, group, params):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return original(self, group, params, state)
+        return original(self, group, params)
 
-    monkeypatch.setattr(methods.LinearMethod, "merge", crashing)
+    monkeypatch.setattr(methods.Uniform, "linear_coefficients", crashing)
     out_dir = tmp_path / "merged"
     with pytest.raises(KeyboardInterrupt):
         run_merge(spec_of(tmp_path, method="uniform", base_model=str(paths["base"]),
@@ -198,7 +198,7 @@ def test_crash_mid_merge_leaves_no_output(tmp_path, models, monkeypatch):
     assert not out_dir.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")] == []
     runs = tmp_path / "artifacts" / "merged" / "uniform" / "ft1_ft2" / "runs"
-    assert list(runs.iterdir()) == []
+    assert list(runs.iterdir()) == [] and calls["n"] == 4
 
 
 def test_nonfinite_sources_are_named(tmp_path, models):

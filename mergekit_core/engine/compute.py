@@ -6,6 +6,7 @@ tensor on another thread while this one is computed.
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,19 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 SUM_TOLERANCE = 1e-6
+
+
+FUSED_CHUNK = 1 << 20
+"""Elements per chunk of the fused linear path: 4 MiB float32 buffers, reused across tensors."""
+
+
+@dataclass
+class Raw:
+    """The stored tensors of one output tensor, as read: the base and one per source (None for
+    adapter deltas and missing sources)."""
+
+    base: torch.Tensor | None
+    tensors: list[torch.Tensor | None]
 
 
 @dataclass
@@ -61,15 +75,31 @@ class TensorMerger:
         self.allow_nonfinite = allow_nonfinite
         self.warn = warn or (lambda message: None)
         self.weights_without_base = plan.base is None and plan.output_kind == "model"
+        self._buffers: dict[int, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------- reading
 
-    def read_base(self, t: TensorPlan) -> torch.Tensor | None:
-        return self.plan.base.get(t.name) if self.plan.base is not None else None
+    def read(self, t: TensorPlan) -> Raw:
+        """Read the stored tensors one output tensor needs (the I/O part; runs on the reader thread).
 
-    def load(self, t: TensorPlan) -> Inputs:
-        base = self.read_base(t)
-        basef = base.to(self.dtype) if base is not None else None
+        Adapter deltas are computed later, from their (small) factors.
+        """
+        base = self.plan.base.get(t.name) if self.plan.base is not None else None
+        tensors = []
+        for i, c in enumerate(t.contributions):
+            if c is None or c.kind == "delta":
+                tensors.append(None)
+            else:
+                tensors.append(self.plan.sources[i].reader.get(c.key))
+        return Raw(base, tensors)
+
+    def _owned(self, index: int | None, x: torch.Tensor) -> torch.Tensor:
+        reader = self.plan.base if index is None else self.plan.sources[index].reader
+        return x.to(self.dtype) if getattr(reader, "owns_tensors", False) else own(x, self.dtype)
+
+    def deltas(self, t: TensorPlan, raw: Raw) -> Inputs:
+        """Per-source deltas (or weights, without a base) in the compute dtype."""
+        basef = raw.base.to(self.dtype) if raw.base is not None else None
         tensors, indices = [], []
         for i, c in enumerate(t.contributions):
             if c is None:
@@ -77,18 +107,66 @@ class TensorMerger:
                     tensors.append(zeros(t.shape, self.dtype))
                     indices.append(i)
                 continue
-            reader = self.plan.sources[i].reader
             if c.kind == "delta":
-                x = reader.delta(c.key, basef).to(self.dtype)
+                x = self.plan.sources[i].reader.delta(c.key, basef).to(self.dtype)
                 if x.shape != tuple(t.shape):
                     x = x.reshape(t.shape)
             else:
-                x = own(reader.get(c.key), self.dtype)
+                x = self._owned(i, raw.tensors[i])
                 if basef is not None:
                     x.sub_(basef)
             tensors.append(x)
             indices.append(i)
         return Inputs(basef, tensors, indices)
+
+    def load(self, t: TensorPlan) -> Inputs:
+        return self.deltas(t, self.read(t))
+
+    def can_fuse(self, t: TensorPlan) -> bool:
+        """Linear methods on full tensors are computed chunk by chunk without holding every delta."""
+        return (self.method.linear and not self.transforms and self.plan.base is not None
+                and all(c is None or c.kind != "delta" for c in t.contributions))
+
+    def fused(self, t: TensorPlan, raw: Raw, out_dtype: torch.dtype) -> Merged:
+        """``base + sum_t c_t (x_t - base)``, in chunks of reused float32 buffers, cast on the fly."""
+        import torch
+
+        indices = list(range(len(t.contributions)))
+        if self.plan.spec.merge_mode != "union":
+            indices = [i for i, c in enumerate(t.contributions) if c is not None]
+        names = [self.plan.sources[i].name for i in indices]
+        group = TensorGroup(t.name, t.layer, None, [], self.coefficients(t, indices), names)
+        pairs = [(raw.tensors[i].reshape(-1), float(c)) for i, c in
+                 zip(indices, self.method.linear_coefficients(group, self.params)) if raw.tensors[i] is not None]
+        base = raw.base.reshape(-1)
+        n = base.numel()
+        out = torch.empty(n, dtype=out_dtype)
+        size = min(n, FUSED_CHUNK)
+        b, acc, tmp = (self._buffer(k, size) for k in range(3))
+        delta_sq = base_sq = 0.0
+        for start in range(0, n, FUSED_CHUNK):
+            k = min(FUSED_CHUNK, n - start)
+            bk, ak, tk = b[:k], acc[:k], tmp[:k]
+            bk.copy_(base[start:start + k])
+            ak.zero_()
+            for x, c in pairs:
+                tk.copy_(x[start:start + k]).sub_(bk)
+                ak.add_(tk, alpha=c)
+            delta_sq += float(torch.dot(ak, ak))
+            base_sq += float(torch.dot(bk, bk))
+            out[start:start + k].copy_(ak.add_(bk))
+        if not math.isfinite(delta_sq):  # name the culprit; the slow path knows how
+            self.merge(t, self.deltas(t, raw))
+        return Merged(out.reshape(t.shape), delta_sq, base_sq)
+
+    def _buffer(self, slot: int, size: int) -> torch.Tensor:
+        import torch
+
+        buf = self._buffers.get(slot)
+        if buf is None or buf.numel() < size:
+            buf = torch.empty(size, dtype=self.dtype)
+            self._buffers[slot] = buf
+        return buf
 
     # ----------------------------------------------------------------------- computing
 
@@ -146,7 +224,9 @@ class TensorMerger:
             raise PluginError(f"{self.method.label} returned shape {list(out.shape)} for {t.name}, "
                               f"expected {list(t.shape)}")
         out = out.to(self.dtype)
-        if not bool(torch.isfinite(out).all()):
+        flat = out.reshape(-1)
+        out_sq = float(torch.dot(flat, flat)) if flat.numel() else 0.0
+        if not math.isfinite(out_sq) and not bool(torch.isfinite(out).all()):  # NaN and Inf reach the dot
             bad = [n for n, x in zip(names, inputs.tensors) if not bool(torch.isfinite(x).all())]
             where = f" (non-finite values in source {', '.join(bad)})" if bad else ""
             message = f"{t.name}: the merged tensor has NaN or Inf{where}"
@@ -155,12 +235,12 @@ class TensorMerger:
             self.warn(message)
         if base is None:
             return Merged(out, 0.0, 0.0)
-        base_sq = float(torch.sum(base * base))
+        base_flat = base.reshape(-1)
+        base_sq = float(torch.dot(base_flat, base_flat)) if base_flat.numel() else 0.0
         if weights_space:
             delta = out - base
             return Merged(out if add_base else delta, float(torch.sum(delta * delta)), base_sq)
-        delta_sq = float(torch.sum(out * out))
-        return Merged(out.add_(base) if add_base else out, delta_sq, base_sq)
+        return Merged(out.add_(base) if add_base else out, out_sq, base_sq)
 
 
 def own(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

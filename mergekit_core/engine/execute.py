@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.engine.compute import Inputs, TensorMerger
+from mergekit_core.engine.compute import TensorMerger
 from mergekit_core.engine.plan import TensorPlan
 from mergekit_core.io.dtypes import torch_dtype
 from mergekit_core.io.safetensors_header import TensorInfo
@@ -55,7 +55,7 @@ def output_infos(merger: TensorMerger, out_dtype: str | None) -> list[TensorInfo
 def _work(merger: TensorMerger, t: TensorPlan) -> tuple[TensorPlan, Any]:
     """What the reader thread does for one tensor: read (and subtract the base)."""
     if t.action == "merge":
-        return t, merger.load(t)
+        return t, merger.read(t)
     if t.action == "copy":
         if t.copy_from is None:
             return t, merger.plan.base.get(t.name)
@@ -92,9 +92,12 @@ def stream_merge(
     for t, loaded in _prefetched(merger, todo):
         target = torch_dtype(infos[t.name].dtype)
         if t.action == "merge":
-            assert isinstance(loaded, Inputs)
-            merged = merger.merge(t, loaded)
-            out = merged.tensor.to(target)
+            if merger.can_fuse(t):
+                merged = merger.fused(t, loaded, target)
+                out = merged.tensor
+            else:
+                merged = merger.merge(t, merger.deltas(t, loaded))
+                out = merged.tensor.to(target)
             report.delta_sq += merged.delta_sq
             report.base_sq += merged.base_sq
             report.merged += 1

@@ -208,6 +208,12 @@ class AdapterReader:
     def get_raw(self, key: str) -> torch.Tensor:
         return self.raw.get(key)
 
+    get = get_raw  # replacement tensors are read like any checkpoint tensor
+
+    @property
+    def owns_tensors(self) -> bool:
+        return self.raw.owns_tensors
+
     def _factor(self, mod: AdapterModule, name: str) -> torch.Tensor:
         return self.raw.get(mod.keys[name]).float()
 

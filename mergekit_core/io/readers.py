@@ -7,6 +7,7 @@ safetensors). Torch pickles are loaded only with ``torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ class CheckpointReader:
     """A lazy view of one checkpoint's tensors."""
 
     format_name = "checkpoint"
+    owns_tensors = False
+    """True when ``get`` returns fresh memory the caller may modify in place."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -52,8 +55,8 @@ class CheckpointReader:
         return list(self.infos())
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor. It may share memory with the file's mapping and with later reads of the
-        same name: never modify it in place."""
+        """One tensor. Some readers hand out views that later reads share (memory-mapped torch
+        files): never modify it in place without copying (see engine.compute.own)."""
         raise NotImplementedError
 
     def files(self) -> list[Path]:
@@ -83,6 +86,7 @@ class SafetensorsReader(CheckpointReader):
     """One or several safetensors files; the tensor -> file map comes from the index when sharded."""
 
     format_name = "safetensors"
+    owns_tensors = True
 
     def __init__(self, path: Path, headers: list[SafetensorsHeader]) -> None:
         super().__init__(path)
@@ -145,21 +149,41 @@ class SafetensorsReader(CheckpointReader):
         return dict(self.headers[0].metadata) if self.headers else {}
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
+        """Read one tensor with ``pread`` into memory this call owns.
+
+        Reading instead of memory-mapping keeps the file's pages out of this process's resident
+        set (they stay in the page cache), so peak RSS is bounded by the tensors in flight and
+        not by the files open, and the caller may modify the tensor in place.
+        """
+        import torch
+
+        from mergekit_core.io.dtypes import torch_dtype
 
         header = self._where.get(name)
         if header is None:
             raise FormatError(f"{self.path}: has no tensor {name!r}")
-        handle = self._handles.get(header.path)
+        info = header.tensors[name]
+        begin = header.data_start + header.offsets[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
-            if handle is None:
-                handle = safe_open(str(header.path), framework="pt")
-                self._handles[header.path] = handle
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+            fd = self._handles.get(header.path)
+            if fd is None:
+                fd = os.open(header.path, os.O_RDONLY)
+                self._handles[header.path] = fd
+            view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+            got = 0
+            while got < info.nbytes:
+                n = os.preadv(fd, [view[got:]], begin + got)
+                if n <= 0:
+                    raise OSError(f"unexpected end of file after {got} of {info.nbytes} bytes")
+                got += n
+        except OSError as exc:
             raise FormatError(f"{header.path}: cannot read tensor {name!r} ({exc})") from None
+        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
 
     def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
         self._handles.clear()
 
 

@@ -46,6 +46,7 @@ class SafetensorsHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
+    offsets: dict[str, int]
 
 
 def read_header(path: Path) -> SafetensorsHeader:
@@ -75,6 +76,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     metadata = header.pop("__metadata__", None) or {}
     data_len = size - 8 - length
     tensors: dict[str, TensorInfo] = {}
+    offsets: dict[str, int] = {}
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
@@ -89,4 +91,5 @@ def read_header(path: Path) -> SafetensorsHeader:
                 f"but the data section has {data_len} bytes; the file is truncated or its header is wrong"
             )
         tensors[name] = info
-    return SafetensorsHeader(path, tensors, dict(metadata), 8 + length)
+        offsets[name] = begin
+    return SafetensorsHeader(path, tensors, dict(metadata), 8 + length, offsets)
