@@ -180,6 +180,19 @@ class TensorGroup:
     tensors: list[torch.Tensor]
     coefficients: list[float]
     source_names: list[str] = field(default_factory=list)
+    seed: int = 0
+    """Seed for random methods, derived from the merge's seed and the tensor name: draw with
+    ``torch.Generator().manual_seed(group.seed + source_index)`` so a merge is reproducible."""
+
+
+class PrepareContext:
+    """What :meth:`MergeMethod.prepare` sees: the plan, and the tensor groups the merge will see."""
+
+    plan: Any
+
+    def groups(self) -> Iterator[TensorGroup]:
+        """Every tensor to merge, in plan order, as the method's ``merge`` will receive it."""
+        raise NotImplementedError
 
 
 class MergeMethod(Component):
@@ -200,8 +213,10 @@ class MergeMethod(Component):
     needs_prepare: ClassVar[bool] = False
     default_lambda_policy: ClassVar[str] = "scalar"
 
-    def prepare(self, plan: Any, params: dict[str, Any]) -> Any:
-        """One global pass before streaming (thresholds, clustering); returns a state."""
+    def prepare(self, context: PrepareContext, params: dict[str, Any]) -> Any:
+        """A global look at every tensor before streaming (thresholds, clustering); returns the
+        state that :meth:`merge` receives. Each ``context.groups()`` call is one more read of the
+        sources, so use as few passes as the method needs."""
         return None
 
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mergekit_core.components import MergeMethod, TensorGroup
+from mergekit_core.components import MergeMethod, PrepareContext, TensorGroup
 from mergekit_core.plugins import PluginHost
 
 
@@ -61,6 +61,17 @@ def run_mk(args: Sequence[str], host: PluginHost | None = None,
     return MkResult(code, out.getvalue(), err.getvalue())
 
 
+class StaticPrepareContext(PrepareContext):
+    """A prepare context over fixed groups, for testing methods that need a global pass."""
+
+    def __init__(self, groups: Sequence[TensorGroup], plan: Any = None) -> None:
+        self._groups = list(groups)
+        self.plan = plan
+
+    def groups(self) -> Iterator[TensorGroup]:
+        return iter(self._groups)
+
+
 def _group(num_sources: int, shape: tuple[int, ...], seed: int, coefficient: float = 0.5) -> TensorGroup:
     import torch
 
@@ -93,7 +104,8 @@ def check_merge_method(method: MergeMethod, params: Mapping[str, Any] | None = N
     for shape in ((6, 5), (7,)):
         group = _group(n, shape, seed=0)
         before = [t.clone() for t in group.tensors]
-        state = method.prepare(None, resolved) if method.needs_prepare else None
+        state = method.prepare(StaticPrepareContext([_group(n, shape, seed=0)]), resolved) \
+            if method.needs_prepare else None
         out = method.merge(group, resolved, state)
         assert isinstance(out, torch.Tensor), f"{method.name}: merge must return a tensor"
         assert tuple(out.shape) == shape, f"{method.name}: merged shape {tuple(out.shape)} != {shape}"

@@ -184,3 +184,21 @@ def test_register_commands_failure_is_contained(fake_dist):
     assert app.registered_groups == []  # what it half-registered is removed
     record = next(r for r in host.records if r.name == "cmd")
     assert record.status == "error" and "after adding" in record.error
+
+
+@pytest.mark.parametrize("kind", sorted(__import__("mergekit_core.components").components.KIND_HOOKS))
+def test_every_component_hook_registers_a_third_party_component(kind):
+    import types
+
+    from mergekit_core import hookimpl
+    from mergekit_core.components import COMPONENT_KINDS, KIND_HOOKS
+
+    hook = KIND_HOOKS[kind]
+    component = type("C", (COMPONENT_KINDS[kind],), {"name": f"third_{kind}", "description": "d"})()
+    module = types.ModuleType(f"third_party_{kind}")
+    impl = hookimpl(lambda: [component])
+    impl.__name__ = hook
+    setattr(module, hook, impl)
+    host = fresh_host({"third": module})
+    assert host.get(kind, f"third_{kind}") is component
+    assert next(e for e in host.listing() if e["name"] == "third")["provides"][kind] == [f"third_{kind}"]

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.components import LambdaPolicy, MergeMethod, TensorGroup, Transform
+from mergekit_core.components import LambdaPolicy, MergeMethod, PrepareContext, TensorGroup, Transform
 from mergekit_core.engine.plan import MergePlan, TensorPlan
 from mergekit_core.errors import MergeError, PluginError
 
@@ -135,7 +136,7 @@ class TensorMerger:
         if self.plan.spec.merge_mode != "union":
             indices = [i for i, c in enumerate(t.contributions) if c is not None]
         names = [self.plan.sources[i].name for i in indices]
-        group = TensorGroup(t.name, t.layer, None, [], self.coefficients(t, indices), names)
+        group = TensorGroup(t.name, t.layer, None, [], self.coefficients(t, indices), names, self.tensor_seed(t))
         pairs = [(raw.tensors[i].reshape(-1), float(c)) for i, c in
                  zip(indices, self.method.linear_coefficients(group, self.params)) if raw.tensors[i] is not None]
         base = raw.base.reshape(-1)
@@ -180,8 +181,7 @@ class TensorMerger:
             return inputs.tensors
         out = []
         for i, x in zip(inputs.indices, inputs.tensors):
-            seed = (self.plan.spec.seed * 1_000_003 + zlib.crc32(t.name.encode()) * 131 + i) % 2**63
-            rng = torch.Generator().manual_seed(seed)
+            rng = torch.Generator().manual_seed(self.tensor_seed(t) + i)
             for transform, params in self.transforms:
                 x = self._call(transform, "apply", t.name, x, params, rng)
             out.append(x)
@@ -200,18 +200,26 @@ class TensorMerger:
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
+    def tensor_seed(self, t: TensorPlan) -> int:
+        return (self.plan.spec.seed * 1_000_003 + zlib.crc32(t.name.encode()) * 131) % 2**62
+
+    def group(self, t: TensorPlan, inputs: Inputs) -> TensorGroup:
+        """What the method's ``merge`` receives for tensor ``t``: transformed tensors, coefficients."""
+        tensors = self.transformed(t, inputs)
+        if self.method.space == "weights" and inputs.base is not None:
+            tensors = [x + inputs.base for x in tensors]
+        names = [self.plan.sources[i].name for i in inputs.indices]
+        return TensorGroup(t.name, t.layer, inputs.base, tensors, self.coefficients(t, inputs.indices), names,
+                           self.tensor_seed(t))
+
     def merge(self, t: TensorPlan, inputs: Inputs, add_base: bool = True) -> Merged:
         """The merged tensor: weights (``add_base``) or the merged delta."""
         import torch
 
         base = inputs.base
-        tensors = self.transformed(t, inputs)
-        coefficients = self.coefficients(t, inputs.indices)
         weights_space = self.method.space == "weights" and base is not None
-        if weights_space:
-            tensors = [x + base for x in tensors]
         names = [self.plan.sources[i].name for i in inputs.indices]
-        group = TensorGroup(t.name, t.layer, base, tensors, coefficients, names)
+        group = self.group(t, inputs)
         if self.weights_without_base and self.method.linear:
             total = sum(self.method.linear_coefficients(group, self.params))
             if abs(total - 1.0) > SUM_TOLERANCE:
@@ -241,6 +249,19 @@ class TensorMerger:
             delta = out - base
             return Merged(out if add_base else delta, float(torch.sum(delta * delta)), base_sq)
         return Merged(out.add_(base) if add_base else out, out_sq, base_sq)
+
+
+class EnginePrepareContext(PrepareContext):
+    """Gives ``prepare`` the groups ``merge`` will see; each pass re-reads the sources."""
+
+    def __init__(self, merger: TensorMerger) -> None:
+        self.plan = merger.plan
+        self._merger = merger
+
+    def groups(self) -> Iterator[TensorGroup]:
+        for t in self.plan.tensors:
+            if t.action == "merge":
+                yield self._merger.group(t, self._merger.load(t))
 
 
 def own(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""TIES, DARE and Model Breadcrumbs for mergekit-core."""

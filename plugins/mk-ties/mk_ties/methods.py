@@ -1,0 +1,183 @@
+"""TIES, DARE and Model Breadcrumbs merge methods (delta space).
+
+Shared conventions (see docs/methods-ties.md for the math and where the references disagree):
+
+- the per-source coefficients ``c_t`` come from the lambda policy (the method's ``lambda`` is the
+  policy's default value), and are applied after the sign election and before the disjoint mean,
+  as PEFT does; with equal coefficients this is ``lambda * disjoint_mean``, the paper's formula;
+- exact selections: exactly ``int(fraction * n)`` entries are kept, ties broken by index.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergekit_core import MergeMethod, Param, ParameterError, PrepareContext, TensorGroup
+from mk_ties.global_trim import GlobalTrim, global_trim
+from mk_ties.select import keep_count, rank_band_mask, top_mask
+
+LAMBDA = Param("lambda", 1.0, "scale of the merged task vector; the lambda policy's default value", type=float)
+SIGN_METHOD = Param("sign_method", "mass", "sign election: mass (sign of the sum) or count (of the signs)",
+                    choices=("mass", "count"))
+SIGN_TIE = Param("sign_tie", "majority",
+                 "entries whose elected sign is 0: majority (sign of the tensor's summed signs, as the "
+                 "paper's code), positive (+1, as PEFT and mergekit), or zero (dropped)",
+                 choices=("majority", "positive", "zero"))
+AGGREGATE = Param("aggregate", "mean", "combine agreeing entries by their mean (paper) or sum (FusionBench)",
+                  choices=("mean", "sum"))
+
+
+def elect_and_merge(stack: torch.Tensor, coefficients: list[float], params: dict[str, Any]) -> torch.Tensor:
+    """Sign election and disjoint aggregation over ``stack`` (sources x entries)."""
+    signs = torch.sign(stack)
+    total = stack.sum(0) if params["sign_method"] == "mass" else signs.sum(0)
+    elected = torch.sign(total)
+    zero = elected == 0
+    if bool(zero.any()):
+        if params["sign_tie"] == "majority":
+            elected[zero] = torch.sign(elected.sum())
+        elif params["sign_tie"] == "positive":
+            elected[zero] = 1.0
+    agree = (signs == elected) & (stack != 0)
+    weights = torch.tensor(coefficients, dtype=stack.dtype).view(-1, *([1] * (stack.dim() - 1)))
+    summed = (stack * weights * agree).sum(0)
+    if params["aggregate"] == "sum":
+        return summed
+    return summed / agree.sum(0).clamp(min=1)
+
+
+def dare(x: torch.Tensor, p: float, rescale: str, generator: torch.Generator) -> torch.Tensor:
+    """Drop each entry with probability ``p``; rescale the rest by 1/(1-p) or to the same L1 norm."""
+    if p == 0.0:
+        return x.clone()
+    keep = torch.rand(x.shape, generator=generator) >= p
+    out = x * keep
+    if rescale == "inverse":
+        return out / (1.0 - p)
+    if rescale == "l1":
+        before, after = float(x.abs().sum()), float(out.abs().sum())
+        if before > 1e-7 and after > 1e-7:
+            out = out * (before / after)
+    return out
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)
+
+
+class Ties(MergeMethod):
+    name = "ties"
+    description = "TIES-Merging (Yadav et al. 2023): trim to the top k%, elect signs, disjoint mean."
+    params = (
+        Param("k", 20.0, "percent of each task vector kept by magnitude", type=float, min=0.0, max=100.0),
+        Param("trim_scope", "model", "rank magnitudes over the whole task vector (model, as the paper's "
+              "code; a prepare pass) or within each tensor (tensor, as mergekit and PEFT)",
+              choices=("model", "tensor")),
+        SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA,
+    )
+
+    @property
+    def needs_prepare(self) -> bool:  # type: ignore[override]
+        return True
+
+    def prepare(self, context: PrepareContext, params: dict[str, Any]) -> GlobalTrim | None:
+        if params["trim_scope"] != "model":
+            return None
+        return global_trim(context, params["k"])
+
+    def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        trimmed = []
+        for i, x in enumerate(group.tensors):
+            a = _flat(x).abs()
+            if params["trim_scope"] == "model" and state is not None:
+                mask = state.mask(i, group.name, a)
+            else:
+                mask = top_mask(a, keep_count(params["k"] / 100.0, a.numel()))
+            trimmed.append(_flat(x) * mask)
+        out = elect_and_merge(torch.stack(trimmed), group.coefficients, params)
+        return out.reshape(group.tensors[0].shape)
+
+
+DARE_P = Param("p", 0.5, "drop probability of each delta entry (0 <= p < 1)", type=float, min=0.0, max=1.0)
+DARE_RESCALE = Param("rescale", "inverse", "rescale survivors by 1/(1-p) (inverse, the paper's) or to the "
+                     "tensor's L1 norm (l1, current mergekit), or not at all (none)",
+                     choices=("inverse", "l1", "none"))
+
+
+class _DareMixin:
+    def validate(self, params: dict[str, Any]) -> None:
+        if params["p"] >= 1.0:
+            raise ParameterError(f"{self.label}: p = {params['p']} drops every entry; use p < 1")  # type: ignore[attr-defined]
+
+    def dropped(self, group: TensorGroup, params: dict[str, Any]) -> list[torch.Tensor]:
+        return [dare(x, params["p"], params["rescale"], torch.Generator().manual_seed(group.seed + i))
+                for i, x in enumerate(group.tensors)]
+
+
+class DareLinear(_DareMixin, MergeMethod):
+    name = "dare_linear"
+    description = "DARE (Yu et al. 2024): random drop and rescale, then sum_t c_t * delta_t."
+    params = (DARE_P, DARE_RESCALE, LAMBDA)
+
+    def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        out = torch.zeros_like(group.tensors[0])
+        for c, x in zip(group.coefficients, self.dropped(group, params)):
+            out.add_(x, alpha=c)
+        return out
+
+
+class DareTies(_DareMixin, MergeMethod):
+    name = "dare_ties"
+    description = "DARE then TIES' sign election and disjoint mean (no second trim)."
+    params = (DARE_P, DARE_RESCALE, SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA)
+
+    def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        stack = torch.stack([_flat(x) for x in self.dropped(group, params)])
+        return elect_and_merge(stack, group.coefficients, params).reshape(group.tensors[0].shape)
+
+
+BETA = Param("beta", 0.01, "fraction of the largest magnitudes dropped in each tensor", type=float,
+             min=0.0, max=1.0)
+GAMMA = Param("gamma", 0.89, "fraction of the smallest magnitudes dropped in each tensor", type=float,
+              min=0.0, max=1.0)
+
+
+class _BreadcrumbsMixin:
+    def validate(self, params: dict[str, Any]) -> None:
+        if params["beta"] + params["gamma"] >= 1.0:
+            raise ParameterError(f"{self.label}: beta + gamma = {params['beta'] + params['gamma']:g} "  # type: ignore[attr-defined]
+                                 "drops every entry; keep their sum below 1")
+
+    def masked(self, group: TensorGroup, params: dict[str, Any]) -> list[torch.Tensor]:
+        out = []
+        for x in group.tensors:
+            a = _flat(x).abs()
+            n = a.numel()
+            mask = rank_band_mask(a, int(params["beta"] * n + 1e-9), int(params["gamma"] * n + 1e-9))
+            out.append(_flat(x) * mask)
+        return out
+
+
+class Breadcrumbs(_BreadcrumbsMixin, MergeMethod):
+    name = "breadcrumbs"
+    description = "Model Breadcrumbs (Davari and Belilovsky 2024): drop outliers and small entries, then sum."
+    params = (BETA, GAMMA, LAMBDA)
+
+    def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        out = sum(c * x for c, x in zip(group.coefficients, self.masked(group, params)))
+        return out.reshape(group.tensors[0].shape)
+
+
+class BreadcrumbsTies(_BreadcrumbsMixin, MergeMethod):
+    name = "breadcrumbs_ties"
+    description = "Model Breadcrumbs masks, then TIES' sign election and disjoint mean."
+    params = (BETA, GAMMA, SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA)
+
+    def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        stack = torch.stack(self.masked(group, params))
+        return elect_and_merge(stack, group.coefficients, params).reshape(group.tensors[0].shape)
+
+
+METHODS = [Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies()]
