@@ -5,7 +5,11 @@ Hugging Face models), then times, in one invocation and alternating the contende
 
 - ``loop``: safetensors ``safe_open``, one tensor at a time, the same float32 arithmetic,
   ``save_file`` per shard (the baseline every merging tool starts from);
-- ``mk-task_arithmetic`` and ``mk-uniform``: ``run_merge`` writing a sharded model.
+- ``mk-task_arithmetic`` and ``mk-uniform``: ``run_merge`` writing a sharded model;
+- ``mk-ties`` (trim_scope model: two extra passes to find the global threshold) and
+  ``mk-dare_ties``, when the mk-ties plugin is installed; compared with the task-arithmetic loop.
+
+It also times the exact top-k selection that trimming uses against a full argsort.
 
 Each run is a fresh subprocess so its peak RSS is its own. Reports the median wall time, input
 bytes per second, peak RSS, and the ratio to the loop. These machines evict idle page cache
@@ -129,7 +133,7 @@ def run_mk(pool: Path, out: Path, method: str) -> None:
     sources = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
     data = {"sources": sources, "base_model": str(pool / "base"), "method": method,
             "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
-    if method == "task_arithmetic":
+    if method in ("task_arithmetic", "ties", "dare_ties"):
         data["method_params"] = {"lambda": 0.3}
     run_merge(MergeConfig.from_dict(data).to_spec(), PluginHost())
 
@@ -162,6 +166,33 @@ def input_bytes(pool: Path) -> int:
     return sum(f.stat().st_size for d in pool.iterdir() if d.is_dir() for f in d.glob("*.safetensors"))
 
 
+LOOPS = ("task_arithmetic", "uniform")
+
+
+def selection_time(n: int = 46_137_344, repeats: int = 3) -> dict:
+    """Exact top-20% selection (kthvalue + ties) versus a full argsort, on one large tensor."""
+    import torch
+
+    try:
+        from mk_ties.select import top_mask
+    except ImportError:
+        return {}
+    a = torch.randn(n).abs()
+    m = int(0.2 * n)
+    out = {}
+    for label, fn in (("kthvalue_top_mask", lambda: top_mask(a, m)),
+                      ("argsort", lambda: torch.argsort(a, descending=True)[:m])):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        out[label + "_s"] = round(statistics.median(times), 3)
+    out["elements"] = n
+    out["speedup"] = round(out["argsort_s"] / out["kthvalue_top_mask_s"], 1)
+    return out
+
+
 def help_time(repeats: int = 5) -> dict:
     mk = Path(sys.executable).parent / "mk"
     out = {}
@@ -181,7 +212,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", default=os.environ.get("MK_BENCH_DATA", "/tmp/mk-bench"),
                         help="where the synthetic checkpoints are generated (reused across runs)")
-    parser.add_argument("--methods", default="task_arithmetic,uniform")
+    parser.add_argument("--methods", default="task_arithmetic,uniform,ties,dare_ties")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child")
     parser.add_argument("--pool")
@@ -191,7 +222,7 @@ def main() -> None:
         child(args.child, Path(args.pool), Path(args.scratch) / "out")
         return
     data = Path(args.data)
-    results = {"help_seconds": help_time(), "sizes": {}}
+    results = {"help_seconds": help_time(), "selection": selection_time(), "sizes": {}}
     for size in [float(s) for s in args.sizes.split(",")]:
         pool = generate(data, size, DTYPE)
         nbytes = input_bytes(pool)
@@ -199,7 +230,8 @@ def main() -> None:
         scratch.mkdir(parents=True, exist_ok=True)
         rows = {}
         for method in args.methods.split(","):
-            kinds = [f"loop-{method}", f"mk-{method}"]
+            loop = f"loop-{method}" if method in LOOPS else "loop-task_arithmetic"
+            kinds = [loop, f"mk-{method}"] if loop not in rows else [f"mk-{method}"]
             runs: dict[str, list[dict]] = {k: [] for k in kinds}
             for _ in range(args.repeats):
                 for kind in kinds:
@@ -208,7 +240,8 @@ def main() -> None:
                 wall = statistics.median(r["wall_s"] for r in runs[kind])
                 rows[kind] = {"wall_s": round(wall, 2), "input_MBps": round(nbytes / wall / 1e6, 1),
                               "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs[kind]), 1)}
-            rows[f"mk-{method}"]["speed_vs_loop"] = round(rows[f"loop-{method}"]["wall_s"] / rows[f"mk-{method}"]["wall_s"], 2)
+            rows[f"mk-{method}"]["speed_vs_loop"] = round(rows[loop]["wall_s"] / rows[f"mk-{method}"]["wall_s"], 2)
+            rows[f"mk-{method}"]["compared_with"] = loop
         results["sizes"][f"{size:g}GB"] = {"input_bytes": nbytes, "runs": rows}
     print(json.dumps(results, indent=2))
     if args.json:

@@ -10,13 +10,17 @@ Shared conventions (see docs/methods-ties.md for the math and where the referenc
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergekit_core import MergeMethod, Param, ParameterError, PrepareContext, TensorGroup
-from mk_ties.global_trim import GlobalTrim, global_trim
-from mk_ties.select import keep_count, rank_band_mask, top_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from mk_ties.global_trim import GlobalTrim
+
+# This module only declares components: it must not import torch (mk --help and mk plugins list
+# load it). The arithmetic lives in kernels.py, select.py and global_trim.py.
 
 LAMBDA = Param("lambda", 1.0, "scale of the merged task vector; the lambda policy's default value", type=float)
 SIGN_METHOD = Param("sign_method", "mass", "sign election: mass (sign of the sum) or count (of the signs)",
@@ -27,44 +31,6 @@ SIGN_TIE = Param("sign_tie", "majority",
                  choices=("majority", "positive", "zero"))
 AGGREGATE = Param("aggregate", "mean", "combine agreeing entries by their mean (paper) or sum (FusionBench)",
                   choices=("mean", "sum"))
-
-
-def elect_and_merge(stack: torch.Tensor, coefficients: list[float], params: dict[str, Any]) -> torch.Tensor:
-    """Sign election and disjoint aggregation over ``stack`` (sources x entries)."""
-    signs = torch.sign(stack)
-    total = stack.sum(0) if params["sign_method"] == "mass" else signs.sum(0)
-    elected = torch.sign(total)
-    zero = elected == 0
-    if bool(zero.any()):
-        if params["sign_tie"] == "majority":
-            elected[zero] = torch.sign(elected.sum())
-        elif params["sign_tie"] == "positive":
-            elected[zero] = 1.0
-    agree = (signs == elected) & (stack != 0)
-    weights = torch.tensor(coefficients, dtype=stack.dtype).view(-1, *([1] * (stack.dim() - 1)))
-    summed = (stack * weights * agree).sum(0)
-    if params["aggregate"] == "sum":
-        return summed
-    return summed / agree.sum(0).clamp(min=1)
-
-
-def dare(x: torch.Tensor, p: float, rescale: str, generator: torch.Generator) -> torch.Tensor:
-    """Drop each entry with probability ``p``; rescale the rest by 1/(1-p) or to the same L1 norm."""
-    if p == 0.0:
-        return x.clone()
-    keep = torch.rand(x.shape, generator=generator) >= p
-    out = x * keep
-    if rescale == "inverse":
-        return out / (1.0 - p)
-    if rescale == "l1":
-        before, after = float(x.abs().sum()), float(out.abs().sum())
-        if before > 1e-7 and after > 1e-7:
-            out = out * (before / after)
-    return out
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1)
 
 
 class Ties(MergeMethod):
@@ -85,9 +51,17 @@ class Ties(MergeMethod):
     def prepare(self, context: PrepareContext, params: dict[str, Any]) -> GlobalTrim | None:
         if params["trim_scope"] != "model":
             return None
+        from mk_ties.global_trim import global_trim
+
         return global_trim(context, params["k"])
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        import torch
+
+        from mk_ties.kernels import elect_and_merge
+        from mk_ties.kernels import flat as _flat
+        from mk_ties.select import keep_count, top_mask
+
         trimmed = []
         for i, x in enumerate(group.tensors):
             a = _flat(x).abs()
@@ -112,6 +86,10 @@ class _DareMixin:
             raise ParameterError(f"{self.label}: p = {params['p']} drops every entry; use p < 1")  # type: ignore[attr-defined]
 
     def dropped(self, group: TensorGroup, params: dict[str, Any]) -> list[torch.Tensor]:
+        import torch
+
+        from mk_ties.kernels import dare
+
         return [dare(x, params["p"], params["rescale"], torch.Generator().manual_seed(group.seed + i))
                 for i, x in enumerate(group.tensors)]
 
@@ -122,6 +100,8 @@ class DareLinear(_DareMixin, MergeMethod):
     params = (DARE_P, DARE_RESCALE, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        import torch
+
         out = torch.zeros_like(group.tensors[0])
         for c, x in zip(group.coefficients, self.dropped(group, params)):
             out.add_(x, alpha=c)
@@ -134,7 +114,11 @@ class DareTies(_DareMixin, MergeMethod):
     params = (DARE_P, DARE_RESCALE, SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        stack = torch.stack([_flat(x) for x in self.dropped(group, params)])
+        import torch
+
+        from mk_ties.kernels import elect_and_merge
+
+        stack = torch.stack([x.reshape(-1) for x in self.dropped(group, params)])
         return elect_and_merge(stack, group.coefficients, params).reshape(group.tensors[0].shape)
 
 
@@ -151,12 +135,14 @@ class _BreadcrumbsMixin:
                                  "drops every entry; keep their sum below 1")
 
     def masked(self, group: TensorGroup, params: dict[str, Any]) -> list[torch.Tensor]:
+        from mk_ties.select import rank_band_mask
+
         out = []
         for x in group.tensors:
-            a = _flat(x).abs()
+            a = x.reshape(-1).abs()
             n = a.numel()
             mask = rank_band_mask(a, int(params["beta"] * n + 1e-9), int(params["gamma"] * n + 1e-9))
-            out.append(_flat(x) * mask)
+            out.append(x.reshape(-1) * mask)
         return out
 
 
@@ -176,6 +162,10 @@ class BreadcrumbsTies(_BreadcrumbsMixin, MergeMethod):
     params = (BETA, GAMMA, SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
+        import torch
+
+        from mk_ties.kernels import elect_and_merge
+
         stack = torch.stack(self.masked(group, params))
         return elect_and_merge(stack, group.coefficients, params).reshape(group.tensors[0].shape)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mergekit_core import Param, ParameterError, Transform
-from mk_ties.methods import DARE_P, DARE_RESCALE, dare
-from mk_ties.select import keep_count, top_mask
+from mk_ties.methods import DARE_P, DARE_RESCALE
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 
 class Trim(Transform):
@@ -17,6 +17,8 @@ class Trim(Transform):
     params = (Param("k", 20.0, "percent kept", type=float, min=0.0, max=100.0),)
 
     def apply(self, name: str, delta: torch.Tensor, params: dict[str, Any], rng: torch.Generator) -> torch.Tensor:
+        from mk_ties.select import keep_count, top_mask
+
         flat = delta.reshape(-1)
         return (flat * top_mask(flat.abs(), keep_count(params["k"] / 100.0, flat.numel()))).reshape(delta.shape)
 
@@ -31,6 +33,8 @@ class Dare(Transform):
             raise ParameterError(f"{self.label}: p = {params['p']} drops every entry; use p < 1")
 
     def apply(self, name: str, delta: torch.Tensor, params: dict[str, Any], rng: torch.Generator) -> torch.Tensor:
+        from mk_ties.kernels import dare
+
         return dare(delta, params["p"], params["rescale"], rng)
 
 

@@ -196,7 +196,8 @@ def test_matches_mergekit_where_definitions_agree():
     sparsify = pytest.importorskip("mergekit.sparsify", reason="needs the plugin's test extra")
     gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
     from mergekit_core import TensorGroup
-    from mk_ties.methods import Breadcrumbs, Ties, dare
+    from mk_ties.kernels import dare
+    from mk_ties.methods import Breadcrumbs, Ties
 
     rng = np.random.default_rng(3)
     deltas = [torch.from_numpy(rng.standard_normal((40, 25)).astype(np.float32)) for _ in range(3)]
@@ -221,3 +222,15 @@ def test_matches_mergekit_where_definitions_agree():
     b = Breadcrumbs()
     ours = b.merge(TensorGroup("w", 0, None, [x], [1.0], ["a"]), b.resolve_params({"beta": 0.01, "gamma": 0.69}))
     torch.testing.assert_close(ours, ref)
+
+
+def test_listing_with_the_plugin_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mergekit_core.cli import main\n"
+            "for args in (['--help'], ['plugins', 'list'], ['plugins', 'show', 'ties']):\n"
+            "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ties" in proc.stdout and proc.stderr.strip().endswith("NO-TORCH"), proc.stderr
