@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-output", help="where the pool and the merges go")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # config paths are relative to the config file, so pass absolute ones
     console = Console()
     pool = build_pool(out / "pool")
     console.print(f"pool: {len(pool)} checkpoints in {out / 'pool'}")
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(col)
     written = []
     for name in ("merge_weighted_scalar.yaml", "merge_weighted_per_layer.yaml", "merge_adapters_lora.yaml"):
-        cfg = load_merge_config(configs / name)
-        spec = cfg.with_overrides({"sources_root": str(out / "pool"), "base_model": str(pool["base"]),
-                                   "output_dir": str(out / "artifacts"),
-                                   "output.path": str(out / "merged" / Path(name).stem)}).to_spec()
         try:
+            cfg = load_merge_config(configs / name)
+            spec = cfg.with_overrides({"sources_root": str(out / "pool"), "base_model": str(pool["base"]),
+                                       "output_dir": str(out / "artifacts"),
+                                       "output.path": str(out / "merged" / Path(name).stem)}).to_spec()
             result = run_merge(spec, host)
         except MergekitError as exc:
             console.print(f"[red]{name}: {exc}[/]")

@@ -30,6 +30,10 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _absolute(path: str | None) -> str | None:
+    return str(Path(path).expanduser().absolute()) if path else None
+
+
 def build_spec(config: Path | None, overrides: dict[str, Any]) -> Any:
     from mergekit_core.config import MergeConfig, load_merge_config
 
@@ -166,10 +170,12 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if len(configs) > 1:
             raise UsageError(f"give one config file, got {len(configs)}: {', '.join(configs)}")
         extra_sources = [p for p in inputs if p not in configs]
-        all_sources = list(sources or []) + extra_sources
+        # paths on the command line are relative to the working directory, not to the config file
+        all_sources = [_absolute(p) for p in list(sources or []) + extra_sources]
         overrides: dict[str, Any] = {
-            "method": method, "base_model": base, "lambda_policy": policy, "merge_mode": mode, "seed": seed,
-            "output_dir": output_dir, "output.path": out, "output.kind": kind, "output.dtype": dtype,
+            "method": method, "base_model": _absolute(base), "lambda_policy": policy, "merge_mode": mode,
+            "seed": seed, "output_dir": _absolute(output_dir), "output.path": _absolute(out),
+            "output.kind": kind, "output.dtype": dtype,
             "output.adapter_rank": adapter_rank,
         }
         if all_sources:
