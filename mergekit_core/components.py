@@ -332,7 +332,21 @@ class Evaluator(Component):
         subset: Sequence[int] | None,
         params: dict[str, Any],
     ) -> dict[str, float]:
+        """Metrics of ``model`` (a state dict, or a model directory) on ``task``/``split``, on the
+        examples ``subset`` (indices into the split) or on all of them."""
         raise NotImplementedError
+
+    def labels(self, task: str, split: str, params: dict[str, Any]) -> list[int]:
+        """The labels of a split, in order: lets the core draw stratified, cached subsets."""
+        raise NotImplementedError(f"{self.label} does not list its labels; subsets need them")
+
+    def unlabeled_batches(self, task: str, split: str, params: dict[str, Any]) -> Iterator[Any]:
+        """Optional: input batches without labels (what AdaMerging trains on)."""
+        raise NotImplementedError(f"{self.label} gives no unlabeled batches")
+
+    def forward(self, model: Any, task: str, inputs: Any, params: dict[str, Any]) -> Any:
+        """Optional: the model's outputs on ``inputs``, differentiable in the model's tensors."""
+        raise NotImplementedError(f"{self.label} has no forward pass")
 
 
 class Search:

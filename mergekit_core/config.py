@@ -7,6 +7,7 @@ problem found is reported at once, in one :class:`ConfigError`.
 
 from __future__ import annotations
 
+import json
 import re
 import warnings
 from collections.abc import Mapping
@@ -79,6 +80,29 @@ class MergeSpec:
     @property
     def task_combo(self) -> str:
         return "_".join(safe_name(s.name) for s in self.sources)
+
+    def to_config(self) -> dict[str, Any]:
+        """A config dict that loads back into this spec (what run bundles keep)."""
+        def ref(r: ComponentRef | None) -> dict[str, Any] | None:
+            return None if r is None else {"name": r.name, "params": dict(r.params)}
+
+        out: dict[str, Any] = {
+            "sources": [{"name": s.name, "path": str(s.path)} for s in self.sources],
+            "method": ref(self.method), "merge_mode": self.merge_mode,
+            "transforms": [ref(t) for t in self.transforms], "optimizer": ref(self.optimizer),
+            "output": {"path": str(self.output.path) if self.output.path else None, "kind": self.output.kind,
+                       "dtype": self.output.dtype, "shard_size": self.output.shard_bytes,
+                       "adapter_rank": self.output.adapter_rank, "save": self.output.save},
+            "include": list(self.include), "exclude": list(self.exclude), "seed": self.seed,
+            "compute_dtype": self.compute_dtype, "output_dir": str(self.output_dir), **self.sweep,
+        }
+        if self.base_model is not None:
+            out["base_model"] = str(self.base_model)
+        if self.lambda_policy is not None:
+            out["lambda_policy"] = ref(self.lambda_policy)
+        if out["output"]["path"] is None:
+            del out["output"]["path"]
+        return json.loads(json.dumps(out, default=str))
 
     def to_json(self) -> dict[str, Any]:
         def conv(x: Any) -> Any:

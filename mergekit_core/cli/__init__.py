@@ -33,7 +33,7 @@ def _version(value: bool) -> None:
 
 def build_app(host: PluginHost) -> typer.Typer:
     """The Typer app for one host: the core's command groups plus every plugin's."""
-    from mergekit_core.cli import inspect_cmd, merge_cmd, plugins_cmd
+    from mergekit_core.cli import evaluate_cmd, inspect_cmd, merge_cmd, plugins_cmd
 
     app = typer.Typer(
         name="mk",
@@ -54,6 +54,7 @@ def build_app(host: PluginHost) -> typer.Typer:
 
     merge_cmd.register(app, host)
     inspect_cmd.register(app, host)
+    evaluate_cmd.register(app, host)
     app.add_typer(plugins_cmd.make_app(host), name="plugins")
     host.register_commands(app)
     return app

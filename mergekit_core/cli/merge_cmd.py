@@ -138,6 +138,23 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
         plan.close()
 
 
+def _evaluate_result(setup: Any, host: PluginHost, spec: Any, result: Any) -> dict[str, Any]:
+    from mergekit_core.config import SourceSpec
+    from mergekit_core.evaluation.evaluate import evaluate_merge, source_model
+    from mergekit_core.outputs import combo_dir
+
+    model: Any = str(result.output_path)
+    if result.output_kind == "adapter":
+        if spec.base_model is None:
+            raise UsageError("evaluating an adapter merge needs base_model")
+        model = source_model(host, SourceSpec("merged", result.output_path), spec.base_model)
+    return evaluate_merge(setup, host, model, method=result.method, sources=spec.sources,
+                          base_model=spec.base_model, combo_dir=combo_dir(spec.output_dir, result.method,
+                                                                         spec.task_combo),
+                          tag=result.run_dir.name if result.run_dir else "merge", params=result.params,
+                          run_dir=result.run_dir)
+
+
 def register(app: typer.Typer, host: PluginHost) -> None:
     @app.command("merge", epilog=EPILOG)
     def merge(
@@ -163,13 +180,22 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Warn on NaN/Inf instead of failing."),
         hash_inputs: bool = typer.Option(False, "--hash-inputs", help="Full sha256 of large input files too."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        eval_tasks: list[str] = typer.Option(None, "--eval-tasks", help="Evaluate the merge on these tasks."),
+        evaluator: str = typer.Option(None, "--evaluator", help="Evaluator for --eval-tasks (e.g. digits)."),
+        eval_param: list[str] = typer.Option(None, "--eval-param", help="Evaluator parameter KEY=VALUE."),
+        split: str = typer.Option("test", "--split", help="Split for --eval-tasks."),
     ) -> None:
         """Merge sources (fine-tuned models or PEFT adapters) into one model or adapter."""
         inputs = list(inputs or [])
         configs = [p for p in inputs if p.endswith((".yaml", ".yml"))]
         if len(configs) > 1:
             raise UsageError(f"give one config file, got {len(configs)}: {', '.join(configs)}")
-        extra_sources = [p for p in inputs if p not in configs]
+        extra = [p for p in inputs if p not in configs]
+        # `--adapters A B` and `--eval-tasks x y` leave B and y as positional words: paths are more
+        # sources, other words more evaluation tasks.
+        extra_sources = [p for p in extra if Path(p).exists() or not eval_tasks]
+        if eval_tasks:
+            eval_tasks = list(eval_tasks) + [p for p in extra if p not in extra_sources]
         # paths on the command line are relative to the working directory, not to the config file
         all_sources = [_absolute(p) for p in list(sources or []) + extra_sources]
         overrides: dict[str, Any] = {
@@ -201,9 +227,17 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             return
         from mergekit_core.engine import run_merge
 
+        setup = None
+        if eval_tasks:  # checked before merging, like everything else
+            from mergekit_core.evaluation.evaluate import make_setup
+
+            setup = make_setup(host, evaluator or spec.sweep.get("evaluator"),
+                               {**(spec.sweep.get("evaluator_params") or {}), **_parse_params(list(eval_param or []))},
+                               list(eval_tasks), split, spec.sweep.get("eval_subset"), spec.output_dir)
         show = not quiet and not as_json and sys.stderr.isatty()
         result = run_merge(spec, host, progress=RichProgress() if show else None,
                            allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs)
+        evaluation = _evaluate_result(setup, host, spec, result) if setup is not None else None
         summary = {
             "method": result.method, "output_kind": result.output_kind,
             "output": str(result.output_path) if result.output_path else None,
@@ -213,6 +247,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             "relative_delta_norm": result.report.get("relative_delta_norm"),
             "energy_kept": result.report.get("energy_kept"),
             "wall_time_s": result.metadata["wall_time_s"], "warnings": result.metadata["warnings"],
+            "evaluation": evaluation,
         }
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
@@ -230,3 +265,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         for w in summary["warnings"]:
             lines.append(f"warning: {w}")
         typer.echo("\n".join(lines))
+        if evaluation is not None:
+            from mergekit_core.cli.evaluate_cmd import print_eval
+
+            print_eval(evaluation)

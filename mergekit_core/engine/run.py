@@ -200,6 +200,7 @@ def run_merge(
             "optimizer": {"name": comps.optimizer.name, "params": comps.optimizer_params},
             "seed": spec.seed,
             "spec": spec.to_json(),
+            "config": spec.to_config(),
             "versions": recipe["versions"],
             "sources": [{"name": s.name, "path": str(s.spec.path), "format": s.reader.format_name}
                         for s in plan.sources],

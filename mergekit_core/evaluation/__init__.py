@@ -1,0 +1,1 @@
+"""Evaluation of merged models, deterministic subsets, the eval index, and sweeps."""

@@ -1,0 +1,133 @@
+"""`mk evaluate` and `mk sweep`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mergekit_core.errors import UsageError
+from mergekit_core.plugins import PluginHost
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['method']} on {result['split']}" + (f" ({result['subset']})" if result["subset"] else ""))
+    for col in ("task", "metric", "merged", "own model", "interference"):
+        table.add_column(col)
+    for task, e in result["tasks"].items():
+        own = "-" if e["individual"] is None else f"{e['individual']:.4f}"
+        delta = "-" if e["interference_delta"] is None else f"{e['interference_delta']:+.4f}"
+        table.add_row(task, e["metric"], f"{e['value']:.4f}", own, delta)
+    Console().print(table)
+    s = result["summary"]
+    if s["mean_metric"] is not None:
+        typer.echo(f"mean {s['mean_metric']:.4f}" + (f", normalized {s['mean_normalized']:.4f}" if s["mean_normalized"] else "")
+                   + (f", worst interference {s['min_interference_delta']:+.4f}" if s["min_interference_delta"] is not None else ""))
+
+
+def _evaluator_params(items: list[str]) -> dict[str, Any]:
+    from mergekit_core.cli.merge_cmd import _parse_params
+
+    return _parse_params(items)
+
+
+def register(app: typer.Typer, host: PluginHost) -> None:
+    @app.command("evaluate")
+    def evaluate(
+        paths: list[str] = typer.Argument(..., help="A run bundle (runs/run_...) or a model directory."),
+        tasks: list[str] = typer.Option(None, "--tasks", "-t", help="Tasks to evaluate (default: all)."),
+        split: str = typer.Option("test", "--split", help="Split: train, validation or test."),
+        evaluator: str = typer.Option(None, "--evaluator", "-e", help="Evaluator (default: the run's)."),
+        param: list[str] = typer.Option(None, "--param", "-p", help="Evaluator parameter KEY=VALUE (repeat)."),
+        max_samples: int = typer.Option(None, "--max-samples", help="Evaluate a deterministic stratified subset."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Evaluate a merged model on named tasks and record the results."""
+        path = Path(paths[0])
+        if len(paths) > 1:  # `--tasks a b` leaves b as a positional word
+            if not tasks:
+                raise UsageError(f"give one path to evaluate, got {len(paths)}")
+            tasks = list(tasks) + paths[1:]
+        from mergekit_core.config import MergeConfig, SourceSpec
+        from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
+        from mergekit_core.outputs import read_json
+
+        meta_path = path / "merge_metadata.json"
+        subset = {"max_samples": max_samples} if max_samples else None
+        if meta_path.is_file():
+            meta = read_json(meta_path)
+            spec = MergeConfig.from_dict(meta["config"]).to_spec()
+            sweep = spec.sweep
+            setup = make_setup(host, evaluator or sweep.get("evaluator"),
+                               {**(sweep.get("evaluator_params") or {}), **_evaluator_params(list(param or []))},
+                               tasks, split, subset or sweep.get("eval_subset"), spec.output_dir)
+            model = meta["output"]["path"]
+            if meta["output"]["kind"] != "model" or model is None:
+                raise UsageError(f"{path}: the run saved no full model to evaluate; merge with output.kind: model")
+            result = evaluate_merge(setup, host, model, method=meta["method"], sources=spec.sources,
+                                    base_model=spec.base_model, combo_dir=path.parent.parent, tag=path.name,
+                                    params=meta["params"], run_dir=path)
+        else:
+            if not (path / "config.json").is_file() and not list(path.glob("*.safetensors")):
+                raise UsageError(f"{path}: neither a run bundle (merge_metadata.json) nor a model directory")
+            setup = make_setup(host, evaluator, _evaluator_params(list(param or [])), tasks, split, subset,
+                               Path("artifacts"))
+            result = evaluate_merge(setup, host, str(path), method="external", sources=[SourceSpec(path.name, path)],
+                                    base_model=None, combo_dir=Path("artifacts") / "merged" / "external" / path.name,
+                                    tag=path.name)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2, default=str))
+        else:
+            print_eval(result)
+
+    @app.command("sweep")
+    def sweep(
+        config: Path = typer.Argument(..., help="A merge config with a search block and eval_tasks."),
+        resume: bool = typer.Option(False, "--resume", help="Continue after a crash: skip finished points."),
+        as_json: bool = typer.Option(False, "--json", help="Print the sweep result as JSON."),
+    ) -> None:
+        """Evaluate a grid (or a plugin's search) of merges; rank points by max-min interference."""
+        from mergekit_core.config import load_merge_config
+        from mergekit_core.evaluation.sweep import run_sweep
+
+        show = not as_json and sys.stderr.isatty()
+        result = run_sweep(load_merge_config(config), host, resume=resume,
+                           progress=SweepProgress() if show else None)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2, default=str))
+            return
+        best = result["best"]
+        typer.echo(f"{len(result['points'])} points in {result['wall_time_s']:.1f} s; results: {result['path']}")
+        if best:
+            typer.echo(f"best: {best['point']} (worst-task interference {best['score']:+.4f}, "
+                       f"mean {best['summary']['mean_metric']:.4f})")
+
+
+class SweepProgress:
+    """Points done, the best score so far and time left, on one rich progress bar."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("best {task.fields[best]}"),
+                                 console=Console(stderr=True), transient=True)
+        self.task: Any = None
+
+    def __call__(self, event: str, **info: Any) -> None:
+        if event == "start":
+            self.progress.start()
+            self.task = self.progress.add_task("sweep", total=info.get("total"), best="-")
+        elif event == "point":
+            best = info["best"]
+            self.progress.update(self.task, advance=1,
+                                 best=f"{best['score']:+.4f} at {best['point']}" if best else "-")
+        elif event == "end":
+            self.progress.stop()

@@ -1,0 +1,215 @@
+"""Sweeps: ask a search strategy for points, merge and evaluate each, rank by max-min interference.
+
+The score of a point is the worst task's direction-adjusted interference delta (merged metric
+minus the task's own fine-tuned metric): a point is only as good as the task it hurts most.
+Every finished point is appended to a journal (one JSON line) as soon as it completes;
+``resume=True`` replays the journal into the strategy and skips those points, so a sweep
+interrupted by a crash or Ctrl-C continues where it stopped.
+
+Point keys: a parameter of the method (``lambda``, ``k``, ...), or ``policy.<name>`` for a
+lambda-policy parameter (``policy.lambdas``); a bare name that only the policy has also works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergekit_core.config import MergeConfig, MergeSpec
+from mergekit_core.engine.run import resolve_components, run_merge
+from mergekit_core.errors import ConfigError
+from mergekit_core.evaluation.evaluate import EvalSetup, evaluate_merge, make_setup
+from mergekit_core.outputs import combo_dir, write_json
+from mergekit_core.plugins import PluginHost
+
+SEARCH_KEYS = ("type", "grid", "space")
+
+
+@dataclass
+class SweepPlan:
+    config: MergeConfig
+    spec: MergeSpec
+    setup: EvalSetup
+    strategy: Any
+    strategy_params: dict[str, Any]
+    space: dict[str, Any]
+    seed: int
+    targets: dict[str, str]  # point key -> "method" | "policy"
+    policy_name: str
+    journal: Path
+    save_merged: bool
+    nonnegative: bool
+
+
+def _targets(space: dict[str, Any], spec: MergeSpec, host: PluginHost) -> tuple[dict[str, str], str]:
+    comps = resolve_components(spec, host)
+    method_params = {p.name for p in comps.method.params}
+    policy_params = {p.name for p in comps.policy.params}
+    out = {}
+    for key in space:
+        if key.startswith("policy."):
+            if key.removeprefix("policy.") not in policy_params:
+                raise ConfigError(f"search: '{key}' is not a parameter of lambda policy {comps.policy.name} "
+                                  f"(its parameters: {', '.join(sorted(policy_params)) or 'none'})")
+            out[key] = "policy"
+        elif key in method_params:
+            out[key] = "method"
+        elif key in policy_params:
+            out[key] = "policy"
+        else:
+            raise ConfigError(f"search: '{key}' is neither a parameter of {comps.method.label} "
+                              f"({', '.join(sorted(method_params)) or 'none'}) nor of lambda policy "
+                              f"{comps.policy.name} ({', '.join(sorted(policy_params)) or 'none'})")
+    return out, comps.policy.name
+
+
+def plan_sweep(config: MergeConfig, host: PluginHost, *, evaluator: str | None = None) -> SweepPlan:
+    """Validate the whole sweep (components, search space, evaluator, tasks) before any merge."""
+    spec = config.to_spec()
+    sweep = spec.sweep
+    search = dict(sweep.get("search") or {"type": "grid", "grid": {}})
+    kind = search.get("type", "grid")
+    strategy = host.get("search_strategy", kind)
+    space = search.get("grid") if kind == "grid" else search.get("space")
+    if not isinstance(space, dict) or not space:
+        raise ConfigError(f"search: give the {'grid' if kind == 'grid' else 'space'} to search, "
+                          "e.g. grid: {lambda: [0.1, 0.2, 0.3]}")
+    seed = int(search.get("seed", spec.seed))
+    strategy_params = strategy.resolve_params({k: v for k, v in search.items() if k not in (*SEARCH_KEYS, "seed")})
+    targets, policy_name = _targets(space, spec, host)
+    setup = make_setup(host, evaluator or sweep.get("evaluator"), sweep.get("evaluator_params"),
+                       sweep.get("eval_tasks"), sweep.get("split", "validation"), sweep.get("eval_subset"),
+                       spec.output_dir)
+    identity = json.dumps({"spec": spec.to_json(), "search": search}, sort_keys=True, default=str)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
+    journal = combo_dir(spec.output_dir, spec.method.name, spec.task_combo) / "sweeps" / f"journal_{digest}.jsonl"
+    return SweepPlan(config, spec, setup, strategy, strategy_params, space, seed, targets, policy_name, journal,
+                     bool(sweep.get("save_merged", False)), bool(sweep.get("constraint_nonnegative", False)))
+
+
+def point_config(plan: SweepPlan, point: dict[str, Any]) -> MergeConfig:
+    method = dict(plan.config.data.get("method_params") or {})
+    policy_raw = plan.config.data.get("lambda_policy")
+    policy = {"name": policy_raw, "params": {}} if isinstance(policy_raw, str) else dict(policy_raw or {})
+    policy.setdefault("name", plan.policy_name)
+    policy_params = dict(policy.get("params") or {})
+    for key, value in point.items():
+        if plan.targets[key] == "method":
+            method[key] = value
+        else:
+            policy_params[key.removeprefix("policy.")] = value
+    overrides: dict[str, Any] = {"method_params": method, "output.kind": "model"}
+    overrides["lambda_policy"] = {"name": policy["name"], "params": policy_params}
+    return plan.config.with_overrides(overrides)
+
+
+def _negative(point: dict[str, Any]) -> bool:
+    def neg(v: Any) -> bool:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return v < 0
+        if isinstance(v, (list, tuple)):
+            return any(neg(x) for x in v)
+        if isinstance(v, dict):
+            return any(neg(x) for x in v.values())
+        return False
+
+    return any(neg(v) for v in point.values())
+
+
+def _key(point: dict[str, Any]) -> str:
+    return json.dumps(point, sort_keys=True, default=str)
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a crashed write
+            continue
+    return out
+
+
+def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
+              progress: Callable[..., None] | None = None, evaluator: str | None = None) -> dict[str, Any]:
+    plan = plan_sweep(config, host, evaluator=evaluator)
+    plan.journal.parent.mkdir(parents=True, exist_ok=True)
+    if not resume and plan.journal.exists():
+        plan.journal.unlink()
+    done = {_key(r["point"]): r for r in read_journal(plan.journal)}
+    search = plan.strategy.start(plan.space, plan.strategy_params, plan.seed)
+    records: list[dict[str, Any]] = []
+    started = time.time()
+    if progress:
+        progress("start", total=getattr(search, "size", None), resumed=len(done))
+    while (point := search.ask()) is not None:
+        key = _key(point)
+        if key in done:
+            record = done[key]
+        elif plan.nonnegative and _negative(point):
+            record = {"point": point, "skipped": "negative values (constraint_nonnegative)", "score": None}
+            _append(plan.journal, record)
+        else:
+            record = _evaluate_point(plan, host, point)
+            _append(plan.journal, record)
+        records.append(record)
+        if record.get("score") is not None:
+            search.tell(point, record["score"])
+        if progress:
+            progress("point", record=record, best=_best(records))
+    result = {
+        "method": plan.spec.method.name,
+        "sources": [s.name for s in plan.spec.sources],
+        "search": {"type": plan.strategy.name, "space": plan.space, "params": plan.strategy_params},
+        "split": plan.setup.split, "eval_tasks": [t.name for t in plan.setup.tasks],
+        "ranking": "max-min interference delta (the worst task's merged minus own metric)",
+        "points": records, "best": _best(records), "wall_time_s": round(time.time() - started, 2),
+        "journal": str(plan.journal),
+    }
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
+    path = plan.journal.parent / f"sweep_{stamp}.json"
+    write_json(path, result)
+    result["path"] = str(path)
+    if progress:
+        progress("end")
+    return result
+
+
+def _evaluate_point(plan: SweepPlan, host: PluginHost, point: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.time()
+    spec = point_config(plan, point).to_spec()
+    merged = run_merge(spec, host, in_memory=not plan.save_merged, write_bundle=plan.save_merged)
+    model = merged.state_dict if merged.state_dict is not None else merged.output_path
+    t1 = time.time()
+    tag = merged.run_dir.name if merged.run_dir else "sweep_" + hashlib.sha256(_key(point).encode()).hexdigest()[:8]
+    result = evaluate_merge(plan.setup, host, model, method=spec.method.name, sources=spec.sources,
+                            base_model=spec.base_model, combo_dir=combo_dir(spec.output_dir, spec.method.name,
+                                                                           spec.task_combo),
+                            tag=tag, params=point, run_dir=merged.run_dir)
+    summary = result["summary"]
+    score = summary["min_interference_delta"]
+    if score is None:  # no source is named after a task: rank by the worst task's own metric
+        score = summary["min_metric"]
+    return {"point": point, "score": score, "summary": summary,
+            "metrics": {t: e["value"] for t, e in result["tasks"].items()},
+            "interference_delta": {t: e["interference_delta"] for t, e in result["tasks"].items()},
+            "lambda_values": merged.lambda_values, "merge_s": round(t1 - t0, 3),
+            "eval_s": round(time.time() - t1, 3)}
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
+def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    scored = [r for r in records if r.get("score") is not None]
+    return max(scored, key=lambda r: r["score"]) if scored else None

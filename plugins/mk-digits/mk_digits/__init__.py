@@ -1,0 +1,1 @@
+"""An offline multi-task merging benchmark built from scikit-learn's handwritten digits."""
