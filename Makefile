@@ -1,4 +1,5 @@
-# Two commands: `make demo` runs a merge on a bundled example, `make test` runs every test.
+# Two commands: `make demo` runs the offline digits benchmark (build, merge with every installed
+# method, evaluate, one table), `make test` runs every test of the core and of every plugin.
 # Both create their own virtual environment in $(VENV).
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m mergekit_core.demo
+	$(BIN)/python -m mk_digits.demo --out demo-output
 
 test: install
 	$(BIN)/python -m pytest tests $(foreach d,$(PLUGIN_DIRS),$(d)tests) -q
