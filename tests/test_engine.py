@@ -345,3 +345,14 @@ def test_adapter_model_output_needs_a_base(tmp_path, lora_adapters):
     apaths, _ = lora_adapters
     with pytest.raises(MergeError, match="a model output from adapters needs base_model"):
         run_merge(spec_of(tmp_path, method="uniform", sources=[str(apaths["a"])], output={"kind": "model"}), HOST)
+
+
+def test_sources_of_another_architecture_are_refused(tmp_path, models):
+    from safetensors.torch import save_file
+
+    paths, _ = models
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"transformer.h.0.attn.c_attn.weight": torch.zeros(4, 4)}, str(other / "model.safetensors"))
+    with pytest.raises(MergeError, match="nothing to merge"):
+        run_merge(spec_of(tmp_path, method="uniform", base_model=str(paths["base"]), sources=[str(other)]), HOST)

@@ -62,7 +62,14 @@ class Weighted(LinearMethod):
         return weights
 
 
-class TaskArithmetic(LinearMethod):
+class PolicyWeighted(LinearMethod):
+    """c_t is the lambda policy's coefficient, as is."""
+
+    def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
+        return list(group.coefficients)
+
+
+class TaskArithmetic(PolicyWeighted):
     name = "task_arithmetic"
     aliases = ("task_vector",)
     description = "Task arithmetic (Ilharco et al. 2023): base + lambda * sum of task vectors."
@@ -77,18 +84,12 @@ class TaskArithmetic(LinearMethod):
         ),
     )
 
-    def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
-        return list(group.coefficients)
 
-
-class WeightedDelta(LinearMethod):
+class WeightedDelta(PolicyWeighted):
     name = "weighted_delta"
     description = "base + sum_t lambda_t * delta_t, one lambda per task by default (per_task policy)."
     default_lambda_policy = "per_task"
     params = (Param("lambda", 0.3, "initial lambda of every task when the policy gives none", type=float),)
-
-    def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
-        return list(group.coefficients)
 
 
 class Slerp(MergeMethod):

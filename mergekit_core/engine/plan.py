@@ -183,6 +183,10 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
         tensors.append(plan)
     if kind == "adapter":
         _check_adapter_output(tensors, sources, base, problems)
+    if tensors and not any(t.action == "merge" for t in tensors) and not problems:
+        reasons = sorted({t.reason for t in tensors if t.reason})
+        problems.append("nothing to merge: no tensor is merged (" + "; ".join(reasons[:3]) + "); are the sources "
+                        "of the same architecture as the base, and do include/exclude leave anything?")
     if problems:
         for s in sources:
             s.close()

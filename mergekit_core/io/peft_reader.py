@@ -118,6 +118,7 @@ class AdapterReader:
         self.raw = self._open_weights()
         self.modules: dict[str, AdapterModule] = {}
         self.replacements: dict[str, str] = {}
+        self._targets: dict[str, tuple[AdapterModule, str]] | None = None
         self._index_keys()
 
     def _open_weights(self) -> CheckpointReader:
@@ -227,6 +228,8 @@ class AdapterReader:
         IA3 bias entries (non-feedforward modules scale the bias too) apply only where the base
         has a bias; the engine drops them otherwise.
         """
+        if self._targets is not None:
+            return self._targets
         out: dict[str, tuple[AdapterModule, str]] = {}
         for mod in self.modules.values():
             out[mod.weight_name] = (mod, "weight")
@@ -234,6 +237,7 @@ class AdapterReader:
                 out[mod.bias_name] = (mod, "bias")
             if self.peft_type == "IA3" and not self.config.is_feedforward(mod.path):
                 out[mod.bias_name] = (mod, "bias")
+        self._targets = out
         return out
 
     def is_low_rank(self, mod: AdapterModule) -> bool:

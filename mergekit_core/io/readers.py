@@ -32,6 +32,21 @@ def read_json(path: Path, what: str) -> Any:
         raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
 
 
+def read_shard_index(directory: Path, name: str) -> tuple[dict[str, str], list[Path]]:
+    """The weight map of a shard index and its shard files, each checked to exist."""
+    index_path = directory / name
+    index = read_json(index_path, "shard index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise FormatError(f"{index_path}: has no 'weight_map' object")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        if not (directory / shard).is_file():
+            raise FormatError(f"{index_path}: names shard {shard!r}, which is missing from {directory}")
+        shards.append(directory / shard)
+    return weight_map, shards
+
+
 def read_model_config(directory: Path) -> dict[str, Any] | None:
     path = Path(directory) / "config.json"
     return read_json(path, "config.json") if path.is_file() else None
@@ -112,16 +127,8 @@ class SafetensorsReader(CheckpointReader):
         directory = Path(directory)
         index_path = directory / SAFETENSORS_INDEX
         if index_path.is_file():
-            index = read_json(index_path, "shard index")
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict):
-                raise FormatError(f"{index_path}: has no 'weight_map' object")
-            headers = []
-            for shard in sorted(set(weight_map.values())):
-                shard_path = directory / shard
-                if not shard_path.is_file():
-                    raise FormatError(f"{index_path}: names shard {shard!r}, which is missing from {directory}")
-                headers.append(read_header(shard_path))
+            weight_map, shards = read_shard_index(directory, SAFETENSORS_INDEX)
+            headers = [read_header(p) for p in shards]
             reader = cls(directory, headers)
             missing = [n for n, shard in weight_map.items()
                        if n not in reader._where or reader._where[n].path.name != shard]
@@ -204,17 +211,8 @@ class TorchReader(CheckpointReader):
     @classmethod
     def from_directory(cls, directory: Path) -> TorchReader:
         directory = Path(directory)
-        index_path = directory / TORCH_INDEX
-        if index_path.is_file():
-            index = read_json(index_path, "shard index")
-            weight_map = index.get("weight_map") if isinstance(index, dict) else None
-            if not isinstance(weight_map, dict):
-                raise FormatError(f"{index_path}: has no 'weight_map' object")
-            files = []
-            for shard in sorted(set(weight_map.values())):
-                if not (directory / shard).is_file():
-                    raise FormatError(f"{index_path}: names shard {shard!r}, which is missing from {directory}")
-                files.append(directory / shard)
+        if (directory / TORCH_INDEX).is_file():
+            _, files = read_shard_index(directory, TORCH_INDEX)
         else:
             files = sorted(p for p in directory.iterdir() if p.suffix in TORCH_SUFFIXES
                            and not p.name.startswith(("adapter_model", "training_args", "optimizer")))

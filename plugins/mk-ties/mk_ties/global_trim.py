@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergekit_core import PrepareContext
-from mk_ties.select import BUCKETS, keep_count, magnitude_bucket
+from mk_ties.select import BUCKETS, bucket_counts, keep_count, kth_in, locate, magnitude_bucket
 
 
 @dataclass
@@ -47,7 +47,7 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             if i == len(counts):
                 counts.append(torch.zeros(BUCKETS, dtype=torch.int64))
                 totals.append(0)
-            counts[i] += torch.bincount(magnitude_bucket(_flat_abs(x)), minlength=BUCKETS)
+            counts[i] += bucket_counts(_flat_abs(x))
             totals[i] += x.numel()
     result = GlobalTrim()
     plans = []  # per source: (bucket, how many to take inside it) or None
@@ -60,11 +60,7 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             result.thresholds.append(-1.0)
             plans.append(None)
         else:
-            from_top = c.flip(0).cumsum(0)
-            idx = int(torch.searchsorted(from_top, torch.tensor(m)))
-            bucket = BUCKETS - 1 - idx
-            above = int(from_top[idx]) - int(c[bucket])
-            plans.append((bucket, m - above))
+            plans.append(locate(c, m))
             result.thresholds.append(0.0)
         result.ties.append({})
     if all(p is None for p in plans):
@@ -81,9 +77,9 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             continue
         values = torch.cat([v for _, v in members[i]])
         need = plan[1]
-        threshold = torch.kthvalue(values, values.numel() - need + 1).values
+        threshold = kth_in(values, need)
         budget = need - int((values > threshold).sum())
-        result.thresholds[i] = float(threshold)
+        result.thresholds[i] = threshold
         for name, v in members[i]:
             take = min(budget, int((v == threshold).sum()))
             if take:

@@ -56,21 +56,19 @@ class Ties(MergeMethod):
         return global_trim(context, params["k"])
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        import torch
-
         from mk_ties.kernels import elect_and_merge
-        from mk_ties.kernels import flat as _flat
         from mk_ties.select import keep_count, top_mask
 
-        trimmed = []
-        for i, x in enumerate(group.tensors):
-            a = _flat(x).abs()
+        flats = [x.reshape(-1) for x in group.tensors]
+        masks = []
+        for i, f in enumerate(flats):
+            a = f.abs()
             if params["trim_scope"] == "model" and state is not None:
-                mask = state.mask(i, group.name, a)
+                masks.append(state.mask(i, group.name, a))
             else:
-                mask = top_mask(a, keep_count(params["k"] / 100.0, a.numel()))
-            trimmed.append(_flat(x) * mask)
-        out = elect_and_merge(torch.stack(trimmed), group.coefficients, params)
+                masks.append(top_mask(a, keep_count(params["k"] / 100.0, a.numel())))
+            del a
+        out = elect_and_merge(flats, group.coefficients, params, masks)
         return out.reshape(group.tensors[0].shape)
 
 
@@ -100,12 +98,9 @@ class DareLinear(_DareMixin, MergeMethod):
     params = (DARE_P, DARE_RESCALE, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        import torch
+        from mk_ties.kernels import weighted_sum
 
-        out = torch.zeros_like(group.tensors[0])
-        for c, x in zip(group.coefficients, self.dropped(group, params)):
-            out.add_(x, alpha=c)
-        return out
+        return weighted_sum(self.dropped(group, params), group.coefficients)
 
 
 class DareTies(_DareMixin, MergeMethod):
@@ -114,12 +109,10 @@ class DareTies(_DareMixin, MergeMethod):
     params = (DARE_P, DARE_RESCALE, SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        import torch
-
         from mk_ties.kernels import elect_and_merge
 
-        stack = torch.stack([x.reshape(-1) for x in self.dropped(group, params)])
-        return elect_and_merge(stack, group.coefficients, params).reshape(group.tensors[0].shape)
+        flats = [x.reshape(-1) for x in self.dropped(group, params)]
+        return elect_and_merge(flats, group.coefficients, params).reshape(group.tensors[0].shape)
 
 
 BETA = Param("beta", 0.01, "fraction of the largest magnitudes dropped in each tensor", type=float,
@@ -134,15 +127,14 @@ class _BreadcrumbsMixin:
             raise ParameterError(f"{self.label}: beta + gamma = {params['beta'] + params['gamma']:g} "  # type: ignore[attr-defined]
                                  "drops every entry; keep their sum below 1")
 
-    def masked(self, group: TensorGroup, params: dict[str, Any]) -> list[torch.Tensor]:
+    def masks(self, group: TensorGroup, params: dict[str, Any]) -> list[torch.Tensor]:
         from mk_ties.select import rank_band_mask
 
         out = []
         for x in group.tensors:
             a = x.reshape(-1).abs()
             n = a.numel()
-            mask = rank_band_mask(a, int(params["beta"] * n + 1e-9), int(params["gamma"] * n + 1e-9))
-            out.append(x.reshape(-1) * mask)
+            out.append(rank_band_mask(a, int(params["beta"] * n + 1e-9), int(params["gamma"] * n + 1e-9)))
         return out
 
 
@@ -152,8 +144,10 @@ class Breadcrumbs(_BreadcrumbsMixin, MergeMethod):
     params = (BETA, GAMMA, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        out = sum(c * x for c, x in zip(group.coefficients, self.masked(group, params)))
-        return out.reshape(group.tensors[0].shape)
+        from mk_ties.kernels import weighted_sum
+
+        flats = [x.reshape(-1) for x in group.tensors]
+        return weighted_sum(flats, group.coefficients, self.masks(group, params)).reshape(group.tensors[0].shape)
 
 
 class BreadcrumbsTies(_BreadcrumbsMixin, MergeMethod):
@@ -162,12 +156,11 @@ class BreadcrumbsTies(_BreadcrumbsMixin, MergeMethod):
     params = (BETA, GAMMA, SIGN_METHOD, SIGN_TIE, AGGREGATE, LAMBDA)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        import torch
-
         from mk_ties.kernels import elect_and_merge
 
-        stack = torch.stack(self.masked(group, params))
-        return elect_and_merge(stack, group.coefficients, params).reshape(group.tensors[0].shape)
+        flats = [x.reshape(-1) for x in group.tensors]
+        return elect_and_merge(flats, group.coefficients, params, self.masks(group, params)).reshape(
+            group.tensors[0].shape)
 
 
 METHODS = [Ties(), DareLinear(), DareTies(), Breadcrumbs(), BreadcrumbsTies()]

@@ -1,13 +1,20 @@
 """Exact magnitude selection without sorting.
 
-``top_mask(a, m)`` keeps exactly ``m`` entries: those above the m-th largest value (found by
-``torch.kthvalue``, a linear-time selection), then, among entries equal to it, the lowest
-indices. A ``>=`` threshold would keep every tied entry (too many; with many zeros, everything).
+``kth_largest(a, m)`` histograms the values into 32768 buckets given by the top bits of their
+float32 pattern (non-negative floats sort like their bit patterns), finds the bucket that holds
+the m-th largest from the counts, and runs ``torch.kthvalue`` inside that one bucket: exact, and
+a few cheap passes instead of a sort (or a full ``kthvalue``, 5x slower here).
+
+``top_mask(a, m)`` keeps exactly ``m`` entries: those above the m-th largest value, then, among
+entries equal to it, the lowest indices. A ``>=`` threshold would keep every tied entry (too
+many; with many zeros, everything).
 """
 
 from __future__ import annotations
 
 import torch
+
+BUCKETS = 1 << 15
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -15,14 +22,44 @@ def keep_count(fraction: float, n: int) -> int:
     return min(n, max(0, int(fraction * n + 1e-9)))
 
 
+def magnitude_bucket(a: torch.Tensor) -> torch.Tensor:
+    """Bucket of each non-negative value: the top 15 bits of its float32 pattern (magnitude order)."""
+    return a.float().contiguous().view(torch.int32) >> 16
+
+
+def bucket_counts(a: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(magnitude_bucket(a), minlength=BUCKETS)
+
+
+def locate(counts: torch.Tensor, m: int) -> tuple[int, int]:
+    """The bucket holding the m-th largest value, and its rank (1 = largest) inside the bucket."""
+    from_top = counts.flip(0).cumsum(0)
+    idx = int(torch.searchsorted(from_top, torch.tensor(m, dtype=from_top.dtype)))
+    bucket = BUCKETS - 1 - idx
+    above = int(from_top[idx]) - int(counts[bucket])
+    return bucket, m - above
+
+
+def kth_in(values: torch.Tensor, rank: int) -> float:
+    """The ``rank``-th largest of ``values``."""
+    return float(torch.kthvalue(values, values.numel() - rank + 1).values)
+
+
+def kth_largest(a: torch.Tensor, m: int) -> float:
+    """The m-th largest entry of the non-negative 1-D tensor ``a`` (1 <= m <= a.numel())."""
+    buckets = magnitude_bucket(a)
+    bucket, rank = locate(torch.bincount(buckets, minlength=BUCKETS), m)
+    return kth_in(a.float()[buckets == bucket], rank)
+
+
 def top_mask(a: torch.Tensor, m: int) -> torch.Tensor:
-    """Boolean mask of the ``m`` largest entries of the 1-D tensor ``a`` (ties: lowest index first)."""
+    """Boolean mask of the ``m`` largest entries of the non-negative 1-D ``a`` (ties: lowest index)."""
     n = a.numel()
     if m <= 0:
         return torch.zeros(n, dtype=torch.bool)
     if m >= n:
         return torch.ones(n, dtype=torch.bool)
-    threshold = torch.kthvalue(a, n - m + 1).values
+    threshold = kth_largest(a, m)
     mask = a > threshold
     need = m - int(mask.sum())
     if need > 0:
@@ -35,15 +72,3 @@ def rank_band_mask(a: torch.Tensor, drop_top: int, drop_bottom: int) -> torch.Te
     ``drop_bottom`` smallest (Model Breadcrumbs; no empty-slice bug when ``drop_top`` is 0)."""
     n = a.numel()
     return top_mask(a, n - drop_bottom) & ~top_mask(a, drop_top)
-
-
-def magnitude_bucket(a: torch.Tensor) -> torch.Tensor:
-    """Bucket of each non-negative float32 value: its top 15 bits, in magnitude order (32768 buckets).
-
-    The bit patterns of non-negative floats sort like their values, so a histogram of buckets
-    locates the k-th largest value exactly, and only one bucket must be searched.
-    """
-    return a.float().contiguous().view(torch.int32) >> 16
-
-
-BUCKETS = 1 << 15

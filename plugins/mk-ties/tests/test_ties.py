@@ -234,3 +234,26 @@ def test_transforms():
     np.testing.assert_array_equal((trimmed != 0).numpy().reshape(-1), np_top_mask(np.abs(x.numpy().reshape(-1)), 10))
     pruned = MagnitudePrune().apply("w", x, {"threshold": 0.5, "relative": False}, torch.Generator())
     assert torch.equal(pruned != 0, x.abs() > 0.5)
+
+
+@pytest.mark.parametrize("sign_tie", ["majority", "positive", "zero"])
+def test_chunked_election_equals_the_whole_tensor_reference(monkeypatch, sign_tie):
+    from mk_ties import kernels
+
+    monkeypatch.setattr(kernels, "CHUNK", 7)  # many chunks, and a ragged last one
+    rng = np.random.default_rng(5)
+    deltas = [np.round(rng.standard_normal((9, 11)) * 2).astype(np.float32) for _ in range(4)]  # zero sums happen
+    coefficients = [1.0, 0.5, -0.25, 2.0]
+    m = Ties()
+    p = params(m, k=60, trim_scope="tensor", sign_tie=sign_tie)
+    out = m.merge(group_of(deltas, coefficients), p).numpy()
+    np.testing.assert_allclose(out, np_ties(deltas, coefficients, 60, sign_tie=sign_tie), rtol=1e-6, atol=1e-6)
+
+
+def test_bucket_threshold_is_exact():
+    from mk_ties.select import kth_largest
+
+    a = torch.rand(100_000) * 3
+    a[::7] = 1.5  # many ties
+    for m in (1, 17, 50_000, 99_999, 100_000):
+        assert kth_largest(a, m) == float(torch.sort(a, descending=True).values[m - 1])
