@@ -25,7 +25,7 @@ def pool(tmp_path_factory):
 def test_canonical_config_runs(config, pool, tmp_path):
     cfg = load_merge_config(config)
     if "search" in cfg.data:
-        pytest.skip("sweep configs are exercised by the sweep tests")
+        pytest.skip("a sweep config: run by plugins/mk-digits/tests (test_ready_sweep_config_runs)")
     needed = {cfg.data["method"] if isinstance(cfg.data["method"], str) else cfg.data["method"]["name"]}
     if not all(HOST.find(n) for n in needed):
         pytest.skip(f"the plugin providing {needed} is not installed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUM_TOLERANCE = 1e-6
 
+
+READ_THREADS = 4
+PARALLEL_READ_MIN = 1 << 20
+"""Tensors of at least this many elements are read from their files concurrently."""
 
 FUSED_CHUNK = 1 << 20
 """Elements per chunk of the fused linear path: 4 MiB float32 buffers, reused across tensors."""
@@ -77,6 +82,7 @@ class TensorMerger:
         self.warn = warn or (lambda message: None)
         self.weights_without_base = plan.base is None and plan.output_kind == "model"
         self._buffers: dict[int, torch.Tensor] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------------- reading
 
@@ -85,14 +91,26 @@ class TensorMerger:
 
         Adapter deltas are computed later, from their (small) factors.
         """
-        base = self.plan.base.get(t.name) if self.plan.base is not None else None
-        tensors = []
-        for i, c in enumerate(t.contributions):
-            if c is None or c.kind == "delta":
-                tensors.append(None)
-            else:
-                tensors.append(self.plan.sources[i].reader.get(c.key))
+        jobs = [(self.plan.base, t.name)] if self.plan.base is not None else []
+        jobs += [(self.plan.sources[i].reader, c.key) for i, c in enumerate(t.contributions)
+                 if c is not None and c.kind != "delta"]
+        if len(jobs) > 1 and t.numel >= PARALLEL_READ_MIN:  # several files at once keep the disk busy
+            got = list(self._readers().map(lambda job: job[0].get(job[1]), jobs))
+        else:
+            got = [reader.get(key) for reader, key in jobs]
+        base = got.pop(0) if self.plan.base is not None else None
+        tensors = [None if c is None or c.kind == "delta" else got.pop(0) for c in t.contributions]
         return Raw(base, tensors)
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="mk-pread")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def _owned(self, index: int | None, x: torch.Tensor) -> torch.Tensor:
         reader = self.plan.base if index is None else self.plan.sources[index].reader

@@ -175,6 +175,7 @@ def run_merge(
     plan = build_plan(spec, host, comps.method)
     warnings: list[str] = []
     run_dir: Path | None = None
+    merger: TensorMerger | None = None
     try:
         chosen = dict(values) if values is not None else lambda_values(plan, comps, host)
         merger = TensorMerger(plan, comps.method, comps.params, comps.transforms, comps.policy, chosen,
@@ -228,6 +229,8 @@ def run_merge(
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        if merger is not None:
+            merger.close()
         plan.close()
 
 
