@@ -266,8 +266,23 @@ class MergeConfig:
             lambda_policy=policy, optimizer=optimizer, output=output, include=include, exclude=exclude,
             seed=seed, compute_dtype=compute,
             output_dir=self._path(d.get("output_dir", DEFAULT_OUTPUT_DIR), base_dir),
-            sweep={k: d[k] for k in SWEEP_KEYS if k in d},
+            sweep=self._sweep(d, base_dir),
         )
+
+    @staticmethod
+    def _sweep(d: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
+        """Sweep keys; evaluator parameters naming an existing path relative to the config file
+        are made absolute, like every other path in a config."""
+        sweep = {k: d[k] for k in SWEEP_KEYS if k in d}
+        params = sweep.get("evaluator_params")
+        if isinstance(params, Mapping):
+            resolved = {}
+            for key, value in params.items():
+                if isinstance(value, str) and value and not Path(value).is_absolute() and (base_dir / value).exists():
+                    value = str((base_dir / value).resolve())
+                resolved[key] = value
+            sweep["evaluator_params"] = resolved
+        return sweep
 
     @staticmethod
     def _path(value: Any, base_dir: Path) -> Path:

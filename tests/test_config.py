@@ -147,3 +147,11 @@ def test_no_warning_for_current_keys(tmp_path, models):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_merge_config(cfg).to_spec()
+
+
+def test_evaluator_paths_are_relative_to_the_config(tmp_path, models):
+    (tmp_path / "pool").mkdir()
+    cfg = write(tmp_path, "sources: [ft1]\nmethod: uniform\nevaluator: x\n"
+                          "evaluator_params: {pool: pool, missing: nowhere, n: 3}\n")
+    params = load_merge_config(cfg).to_spec().sweep["evaluator_params"]
+    assert params == {"pool": str((tmp_path / "pool").resolve()), "missing": "nowhere", "n": 3}

@@ -32,9 +32,9 @@ def print_eval(result: dict[str, Any]) -> None:
 
 
 def _evaluator_params(items: list[str]) -> dict[str, Any]:
-    from mergekit_core.cli.merge_cmd import _parse_params
+    from mergekit_core.cli.merge_cmd import _eval_params
 
-    return _parse_params(items)
+    return _eval_params(items)
 
 
 def register(app: typer.Typer, host: PluginHost) -> None:

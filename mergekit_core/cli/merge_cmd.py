@@ -30,6 +30,12 @@ def _parse_params(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _eval_params(items: list[str] | None) -> dict[str, Any]:
+    """``--eval-param k=v``; values naming an existing relative path become absolute (cwd)."""
+    return {k: (str(Path(v).absolute()) if isinstance(v, str) and v and Path(v).exists() else v)
+            for k, v in _parse_params(list(items or [])).items()}
+
+
 def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().absolute()) if path else None
 
@@ -232,7 +238,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             from mergekit_core.evaluation.evaluate import make_setup
 
             setup = make_setup(host, evaluator or spec.sweep.get("evaluator"),
-                               {**(spec.sweep.get("evaluator_params") or {}), **_parse_params(list(eval_param or []))},
+                               {**(spec.sweep.get("evaluator_params") or {}), **_eval_params(eval_param)},
                                list(eval_tasks), split, spec.sweep.get("eval_subset"), spec.output_dir)
         show = not quiet and not as_json and sys.stderr.isatty()
         result = run_merge(spec, host, progress=RichProgress() if show else None,
