@@ -8,6 +8,7 @@ problem found is reported at once, in one :class:`ConfigError`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -287,7 +288,7 @@ class MergeConfig:
     @staticmethod
     def _path(value: Any, base_dir: Path) -> Path:
         p = Path(str(value)).expanduser()
-        return p if p.is_absolute() else (base_dir / p)
+        return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
 
     def _sources(self, raw: Any, base_dir: Path, root: Any, problems: list[str]) -> list[SourceSpec]:
         if not raw or not isinstance(raw, list):
