@@ -213,3 +213,39 @@ def test_cli_sweep_and_evaluate(tmp_path, models):
     assert json.loads(again.stdout)["split"] == "validation" and (run_dir / "eval_results_validation.json").is_file()
     np.testing.assert_allclose(json.loads(again.stdout)["tasks"]["ft1"]["value"],
                                summary["evaluation"]["tasks"]["ft1"]["value"], rtol=1e-5)
+
+
+def test_an_optimizer_can_build_and_score_merges(tmp_path, models):
+    from mergekit_core import Optimizer
+    from mergekit_core.engine import run_merge
+
+    seen = []
+
+    class PickBest(Optimizer):
+        name = "pick_best"
+        description = "tries two values of the first task's lambda"
+
+        def optimize(self, context, params):
+            best = None
+            for v in (0.0, 1.0):
+                values = {**context.initial_values, "task.0": v}
+                weights = context.build_merged(values)
+                scores = context.evaluate(values)
+                seen.append((v, weights[TENSOR].clone(), scores))
+                if best is None or scores["ft1"] > best[1]:
+                    best = (values, scores["ft1"])
+            return best[0]
+
+    plugin = types.ModuleType("opt_plugin")
+    plugin.mk_optimizers = hookimpl(lambda: [PickBest()])
+    plugin.mk_optimizers.__name__ = "mk_optimizers"
+    host = fresh_host({"toy": toy_plugin, "opt": plugin})
+    paths, tensors = models
+    spec = config(tmp_path, models, method="weighted_delta", lambda_policy={"name": "per_task",
+                                                                            "params": {"lambdas": [0.5, 0.0]}},
+                  optimizer="pick_best").to_spec()
+    result = run_merge(spec, host, in_memory=True)
+    assert result.lambda_values == {"task.0": 1.0, "task.1": 0.0}  # ft1's own weights score best on ft1
+    torch.testing.assert_close(seen[1][1], tensors["ft1"][TENSOR])
+    assert seen[1][2]["ft1"] == pytest.approx(0.0, abs=1e-5) and seen[0][2]["ft1"] < 0
+    torch.testing.assert_close(result.state_dict[TENSOR], tensors["ft1"][TENSOR])

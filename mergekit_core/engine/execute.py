@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mergekit_core.engine.compute import TensorMerger
@@ -30,7 +30,6 @@ class StreamReport:
     bytes_written: int = 0
     delta_sq: float = 0.0
     base_sq: float = 0.0
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def relative_delta_norm(self) -> float | None:

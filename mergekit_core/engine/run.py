@@ -147,10 +147,38 @@ def versions(host: PluginHost, comps: Components) -> dict[str, str | None]:
 
 
 def lambda_values(plan: MergePlan, comps: Components, host: PluginHost) -> dict[str, float]:
+    """Ask the optimizer for the policy's values. It may build merged weights for any values
+    (in memory) and, when the config names an evaluator, score them on its tasks."""
+    spec = plan.spec
     initial = comps.policy.initial_values(comps.policy_params, len(plan.sources), plan.layers)
+
+    def build_merged(values: dict[str, float]) -> dict[str, Any]:
+        merged = run_merge(_model_spec(spec), host, in_memory=True, values=values, write_bundle=False)
+        return merged.state_dict
+
+    evaluate = None
+    if spec.sweep.get("evaluator"):
+        from mergekit_core.evaluation.evaluate import make_setup, score
+
+        setup = make_setup(host, spec.sweep["evaluator"], spec.sweep.get("evaluator_params"),
+                           spec.sweep.get("eval_tasks"), spec.sweep.get("split", "validation"),
+                           spec.sweep.get("eval_subset"), spec.output_dir)
+
+        def evaluate(values: dict[str, float]) -> dict[str, float]:
+            model = build_merged(values)
+            return {t.name: score(setup, model, t)[0][t.metric] for t in setup.tasks}
+
     context = OptimizerContext(plan=plan, policy=comps.policy, policy_params=comps.policy_params,
-                               initial_values=initial, extras={"host": host})
+                               initial_values=initial, evaluate=evaluate, build_merged=build_merged,
+                               extras={"host": host})
     return dict(comps.optimizer.optimize(context, comps.optimizer_params))
+
+
+def _model_spec(spec: MergeSpec) -> MergeSpec:
+    """The same merge, as full weights in memory (what an optimizer evaluates)."""
+    from dataclasses import replace
+
+    return replace(spec, output=replace(spec.output, kind="model"))
 
 
 def run_merge(
