@@ -1,8 +1,8 @@
 """The tensor arithmetic of mk-ties (imports torch; loaded only when a component runs).
 
 The sign election and the disjoint aggregation are per coordinate, so they run over chunks of
-coordinates: memory beyond the inputs is one bool mask per source and one int8 sign per entry,
-not stacks of float copies (a 262 MB embedding no longer costs gigabytes).
+coordinates: memory beyond the inputs is one bool mask per source, not stacks of float copies
+(a 262 MB embedding no longer costs gigabytes).
 """
 
 from __future__ import annotations
@@ -23,31 +23,47 @@ def _chunk(flats: Sequence[torch.Tensor], masks: Sequence[torch.Tensor] | None, 
 
 def elect_and_merge(flats: Sequence[torch.Tensor], coefficients: Sequence[float], params: dict[str, Any],
                     masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """Sign election and disjoint aggregation of the (masked) 1-D tensors ``flats``.
+    """Sign election and disjoint aggregation of the (masked) 1-D tensors ``flats``, in one pass.
 
-    Pass 1 elects a sign per entry (int8); entries whose elected sign is 0 are resolved by
-    ``sign_tie`` (majority: the sign of all elected signs of the tensor). Pass 2 aggregates the
-    entries that agree with it, weighted by ``coefficients``.
+    Entries whose elected sign is 0 but that hold non-zero values (exact cancellations) are set
+    aside and resolved after the pass by ``sign_tie``: majority (the sign of the sum of every
+    elected sign of the tensor), positive (+1) or zero (left at 0).
     """
     n = flats[0].numel()
-    elected = torch.empty(n, dtype=torch.int8)
-    for s in range(0, n, CHUNK):
-        stack = _chunk(flats, masks, s, s + CHUNK)
-        total = stack.sum(0) if params["sign_method"] == "mass" else torch.sign(stack).sum(0)
-        elected[s:s + CHUNK] = torch.sign(total).to(torch.int8)
-    if params["sign_tie"] != "zero":
-        zero = elected == 0
-        if bool(zero.any()):
-            fill = 1 if params["sign_tie"] == "positive" else int(torch.sign(elected.sum(dtype=torch.int64)))
-            elected[zero] = fill
     weights = torch.tensor(list(coefficients), dtype=flats[0].dtype).view(-1, 1)
     out = torch.empty(n, dtype=flats[0].dtype)
+    elected_sum = 0
+    pending: list[torch.Tensor] = []
     for s in range(0, n, CHUNK):
         stack = _chunk(flats, masks, s, s + CHUNK)
-        agree = (torch.sign(stack) == elected[s:s + CHUNK]) & (stack != 0)
-        summed = (stack * weights * agree).sum(0)
-        out[s:s + CHUNK] = summed if params["aggregate"] == "sum" else summed / agree.sum(0).clamp(min=1)
+        signs = torch.sign(stack)
+        elected = torch.sign(stack.sum(0) if params["sign_method"] == "mass" else signs.sum(0))
+        elected_sum += int(elected.sum())
+        out[s:s + CHUNK] = _aggregate(stack, signs, elected, weights, params)
+        if params["sign_tie"] != "zero":
+            tied = torch.nonzero((elected == 0) & (stack != 0).any(0)).flatten()
+            if tied.numel():
+                pending.append(tied + s)
+    if pending:
+        index = torch.cat(pending)
+        fill = 1.0 if params["sign_tie"] == "positive" else float((elected_sum > 0) - (elected_sum < 0))
+        stack = torch.stack([f[index] * m[index] for f, m in zip(flats, masks)] if masks is not None
+                            else [f[index] for f in flats])
+        elected = torch.full((index.numel(),), fill, dtype=stack.dtype)
+        out[index] = _aggregate(stack, torch.sign(stack), elected, weights, params)
     return out
+
+
+def _aggregate(stack: torch.Tensor, signs: torch.Tensor, elected: torch.Tensor, weights: torch.Tensor,
+               params: dict[str, Any]) -> torch.Tensor:
+    """Weighted sum (or mean) of the entries whose sign is the elected one.
+
+    Where the elected sign is 0 the matching entries are zeros, so the result there is 0
+    whatever the count; elsewhere a match implies a non-zero entry.
+    """
+    agree = (signs == elected).to(stack.dtype)
+    summed = (weights.T @ (stack * agree)).squeeze(0)  # a matrix-vector product over the sources
+    return summed if params["aggregate"] == "sum" else summed / agree.sum(0).clamp(min=1)
 
 
 def weighted_sum(flats: Sequence[torch.Tensor], coefficients: Sequence[float],
