@@ -356,3 +356,20 @@ def test_sources_of_another_architecture_are_refused(tmp_path, models):
     save_file({"transformer.h.0.attn.c_attn.weight": torch.zeros(4, 4)}, str(other / "model.safetensors"))
     with pytest.raises(MergeError, match="nothing to merge"):
         run_merge(spec_of(tmp_path, method="uniform", base_model=str(paths["base"]), sources=[str(other)]), HOST)
+
+
+def test_tied_head_and_orphan_tensors_are_never_silent(tmp_path, models):
+    from safetensors.torch import save_file
+
+    paths, tensors = models
+    (paths["base"] / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": True}))
+    tied_base = {k: v for k, v in tensors["base"].items() if k != "lm_head.weight"}
+    save_file(tied_base, str(paths["base"] / "model.safetensors"))
+    with pytest.raises(MergeError, match="lm_head.weight: a source changes it, but the base ties it to "
+                                         "model.embed_tokens.weight"):
+        run_merge(spec_of(tmp_path, method="uniform", base_model=str(paths["base"]),
+                          sources=[str(paths["ft1"])]), HOST, in_memory=True)
+    (paths["base"] / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": False}))
+    result = run_merge(spec_of(tmp_path, method="uniform", base_model=str(paths["base"]),
+                               sources=[str(paths["ft1"])]), HOST, in_memory=True)
+    assert any("lm_head.weight: left out" in w for w in result.metadata["warnings"])

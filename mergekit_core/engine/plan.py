@@ -152,9 +152,13 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
     else:
         names = list(infos)
         orphans = sorted({n for s in sources for n in s.contributions} - set(infos))
+        tied = dict(arch.tied_weights(config))
         for name in orphans:
-            notes.append(f"{name}: left out: in a source but not in the base model")
-    tied = dict(arch.tied_weights(config))
+            if name in tied:
+                problems.append(f"{name}: a source changes it, but the base ties it to {tied[name]} and does not "
+                                "store it; merge that tensor instead, or exclude it")
+            else:
+                notes.append(f"{name}: left out: in a source but not in the base model")
     for name in names:
         contributions = [s.contributions.get(name) for s in sources]
         present = [c for c in contributions if c is not None]
@@ -176,8 +180,6 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
             plan.action = "drop"  # an adapter holds only what changes
         elif plan.action == "copy" and base is None:
             plan.copy_from = next((i for i, c in enumerate(contributions) if c is not None), 0)
-        if name in tied and name not in infos:
-            problems.append(f"{name}: the base ties it to {tied[name]}; merge that tensor instead")
         if plan.action == "merge":
             _check_shapes(plan, sources, problems)
         tensors.append(plan)
@@ -188,8 +190,6 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
         problems.append("nothing to merge: no tensor is merged (" + "; ".join(reasons[:3]) + "); are the sources "
                         "of the same architecture as the base, and do include/exclude leave anything?")
     if problems:
-        for s in sources:
-            s.close()
         raise MergeError("; ".join(problems))
     return MergePlan(spec, base, sources, tensors, kind, arch, method, notes)
 

@@ -201,7 +201,7 @@ def run_merge(
     bound_allocator()
     comps = resolve_components(spec, host)
     plan = build_plan(spec, host, comps.method)
-    warnings: list[str] = []
+    warnings: list[str] = list(plan.notes)  # tensors a source has but the output cannot hold
     run_dir: Path | None = None
     merger: TensorMerger | None = None
     try:
