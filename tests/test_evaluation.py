@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mergekit_core import Evaluator, Param, TaskInfo, hookimpl
-from mergekit_core.config import MergeConfig, SourceSpec
+from mergekit_core.config import MergeConfig
 from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
 from mergekit_core.evaluation.index import append_index, read_index
 from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices

@@ -55,7 +55,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                 raise UsageError(f"give one path to evaluate, got {len(paths)}")
             tasks = list(tasks) + paths[1:]
         from mergekit_core.config import MergeConfig, SourceSpec
-        from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
+        from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup, setup_from_spec
         from mergekit_core.outputs import read_json
 
         meta_path = path / "merge_metadata.json"
@@ -63,10 +63,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if meta_path.is_file():
             meta = read_json(meta_path)
             spec = MergeConfig.from_dict(meta["config"]).to_spec()
-            sweep = spec.sweep
-            setup = make_setup(host, evaluator or sweep.get("evaluator"),
-                               {**(sweep.get("evaluator_params") or {}), **_evaluator_params(list(param or []))},
-                               tasks, split, subset or sweep.get("eval_subset"), spec.output_dir)
+            setup = setup_from_spec(host, spec, evaluator=evaluator, params=_evaluator_params(list(param or [])),
+                                    tasks=tasks, split=split, subset=subset)
             model = meta["output"]["path"]
             if meta["output"]["kind"] != "model" or model is None:
                 raise UsageError(f"{path}: the run saved no full model to evaluate; merge with output.kind: model")

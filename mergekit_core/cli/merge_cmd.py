@@ -146,19 +146,14 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
 
 def _evaluate_result(setup: Any, host: PluginHost, spec: Any, result: Any) -> dict[str, Any]:
     from mergekit_core.config import SourceSpec
-    from mergekit_core.evaluation.evaluate import evaluate_merge, source_model
-    from mergekit_core.outputs import combo_dir
+    from mergekit_core.evaluation.evaluate import evaluate_result, source_model
 
     model: Any = str(result.output_path)
     if result.output_kind == "adapter":
         if spec.base_model is None:
             raise UsageError("evaluating an adapter merge needs base_model")
         model = source_model(host, SourceSpec("merged", result.output_path), spec.base_model)
-    return evaluate_merge(setup, host, model, method=result.method, sources=spec.sources,
-                          base_model=spec.base_model, combo_dir=combo_dir(spec.output_dir, result.method,
-                                                                         spec.task_combo),
-                          tag=result.run_dir.name if result.run_dir else "merge", params=result.params,
-                          run_dir=result.run_dir)
+    return evaluate_result(setup, host, spec, result, model=model)
 
 
 def register(app: typer.Typer, host: PluginHost) -> None:
@@ -235,11 +230,10 @@ def register(app: typer.Typer, host: PluginHost) -> None:
 
         setup = None
         if eval_tasks:  # checked before merging, like everything else
-            from mergekit_core.evaluation.evaluate import make_setup
+            from mergekit_core.evaluation.evaluate import setup_from_spec
 
-            setup = make_setup(host, evaluator or spec.sweep.get("evaluator"),
-                               {**(spec.sweep.get("evaluator_params") or {}), **_eval_params(eval_param)},
-                               list(eval_tasks), split, spec.sweep.get("eval_subset"), spec.output_dir)
+            setup = setup_from_spec(host, spec, evaluator=evaluator, params=_eval_params(eval_param),
+                                    tasks=list(eval_tasks), split=split)
         show = not quiet and not as_json and sys.stderr.isatty()
         result = run_merge(spec, host, progress=RichProgress() if show else None,
                            allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs)

@@ -112,18 +112,19 @@ class TensorMerger:
             self._pool.shutdown()
             self._pool = None
 
-    def _owned(self, index: int | None, x: torch.Tensor) -> torch.Tensor:
-        reader = self.plan.base if index is None else self.plan.sources[index].reader
+    def _owned(self, reader: Any, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype) if getattr(reader, "owns_tensors", False) else own(x, self.dtype)
 
     def deltas(self, t: TensorPlan, raw: Raw) -> Inputs:
         """Per-source deltas (or weights, without a base) in the compute dtype."""
+        import torch
+
         basef = raw.base.to(self.dtype) if raw.base is not None else None
         tensors, indices = [], []
         for i, c in enumerate(t.contributions):
             if c is None:
                 if not self.weights_without_base:  # a missing source adds a zero delta (union)
-                    tensors.append(zeros(t.shape, self.dtype))
+                    tensors.append(torch.zeros(t.shape, dtype=self.dtype))
                     indices.append(i)
                 continue
             if c.kind == "delta":
@@ -131,7 +132,7 @@ class TensorMerger:
                 if x.shape != tuple(t.shape):
                     x = x.reshape(t.shape)
             else:
-                x = self._owned(i, raw.tensors[i])
+                x = self._owned(self.plan.sources[i].reader, raw.tensors[i])
                 if basef is not None:
                     x.sub_(basef)
             tensors.append(x)
@@ -290,8 +291,3 @@ def own(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     return x.to(dtype, copy=True) if x.dtype == dtype else x.to(dtype)
 
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    import torch
-
-    return torch.zeros(shape, dtype=dtype)

@@ -78,14 +78,15 @@ def _prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tup
 def stream_merge(
     merger: TensorMerger,
     sink: Callable[[str, torch.Tensor], None],
-    out_dtype: str | None,
+    planned: list[TensorInfo],
     progress: Progress | None = None,
 ) -> StreamReport:
-    """Merge every planned tensor and hand it, cast to its output dtype, to ``sink`` in plan order."""
+    """Merge every planned tensor and hand it, cast to its planned dtype (``output_infos``), to
+    ``sink`` in plan order."""
     report = StreamReport()
     todo = [t for t in merger.plan.tensors if t.action != "drop"]
     report.dropped = len(merger.plan.tensors) - len(todo)
-    infos = {i.name: i for i in output_infos(merger, out_dtype)}
+    infos = {i.name: i for i in planned}
     if progress:
         progress("start", total=len(todo), total_bytes=sum(i.nbytes for i in infos.values()))
     for t, loaded in _prefetched(merger, todo):

@@ -57,14 +57,6 @@ class MergePlan:
     def by_action(self, action: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.action == action]
 
-    def source_info(self, index: int, contribution: Contribution) -> TensorInfo | None:
-        src = self.sources[index]
-        if contribution.kind == "weight":
-            return src.reader.infos()[contribution.key]
-        if contribution.kind == "replacement":
-            return src.reader.infos()[contribution.key]
-        return None
-
     def close(self) -> None:
         for s in self.sources:
             s.close()

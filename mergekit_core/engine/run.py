@@ -158,11 +158,9 @@ def lambda_values(plan: MergePlan, comps: Components, host: PluginHost) -> dict[
 
     evaluate = None
     if spec.sweep.get("evaluator"):
-        from mergekit_core.evaluation.evaluate import make_setup, score
+        from mergekit_core.evaluation.evaluate import score, setup_from_spec
 
-        setup = make_setup(host, spec.sweep["evaluator"], spec.sweep.get("evaluator_params"),
-                           spec.sweep.get("eval_tasks"), spec.sweep.get("split", "validation"),
-                           spec.sweep.get("eval_subset"), spec.output_dir)
+        setup = setup_from_spec(host, spec)
 
         def evaluate(values: dict[str, float]) -> dict[str, float]:
             model = build_merged(values)
@@ -270,13 +268,13 @@ def _execute(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: P
     header = {"mergekit_recipe": json.dumps(recipe, default=str, sort_keys=True)}
     if out_path is None:
         state: dict[str, Any] = {}
-        report = stream_merge(merger, state.__setitem__, spec.output.dtype, progress)
+        report = stream_merge(merger, state.__setitem__, output_infos(merger, spec.output.dtype), progress)
         return state, _report_dict(plan, report), {}
     with AtomicDirectory(out_path) as tmp:
-        writer = StreamingSafetensorsWriter(tmp, output_infos(merger, spec.output.dtype),
-                                            max_shard_bytes=spec.output.shard_bytes, metadata=header)
+        planned = output_infos(merger, spec.output.dtype)
+        writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes=spec.output.shard_bytes, metadata=header)
         try:
-            report = stream_merge(merger, writer.write, spec.output.dtype, progress)
+            report = stream_merge(merger, writer.write, planned, progress)
             hashes = writer.close()
         finally:
             writer.abort()

@@ -21,15 +21,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergekit_core.components import Evaluator, TaskInfo
-from mergekit_core.config import SourceSpec, safe_name
+from mergekit_core.config import MergeSpec, SourceSpec, safe_name
 from mergekit_core.errors import ConfigError
 from mergekit_core.evaluation.index import append_index, find_latest
 from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices
 from mergekit_core.outputs import write_json
 from mergekit_core.plugins import PluginHost
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mergekit_core.engine.run import MergeResult
 
 
 @dataclass
@@ -62,6 +65,18 @@ def make_setup(host: PluginHost, evaluator: str | None, evaluator_params: Mappin
     if unknown:
         raise ConfigError(f"unknown task '{unknown[0]}' for evaluator {evaluator}; its tasks: {', '.join(known)}")
     return EvalSetup(comp, params, [known[t] for t in chosen], split, SubsetSpec.from_config(subset), Path(output_dir))
+
+
+def setup_from_spec(host: PluginHost, spec: MergeSpec, *, evaluator: str | None = None,
+                    params: Mapping[str, Any] | None = None, tasks: Sequence[str] | None = None,
+                    split: str | None = None, subset: Mapping[str, Any] | None = None) -> EvalSetup:
+    """The evaluation a config asks for (``evaluator``, ``evaluator_params``, ``eval_tasks``,
+    ``split``, ``eval_subset``), with what the command line gives taking precedence."""
+    sweep = spec.sweep
+    return make_setup(host, evaluator or sweep.get("evaluator"),
+                      {**(sweep.get("evaluator_params") or {}), **(params or {})},
+                      tasks or sweep.get("eval_tasks"), split or sweep.get("split", "validation"),
+                      subset if subset is not None else sweep.get("eval_subset"), spec.output_dir)
 
 
 def score(setup: EvalSetup, model: Any, task: TaskInfo) -> tuple[dict[str, float], str | None]:
@@ -163,6 +178,20 @@ def evaluate_merge(setup: EvalSetup, host: PluginHost, model: Any, *, method: st
         "metrics": {t: e["value"] for t, e in per_task.items()},
         "interference_delta": {t: e["interference_delta"] for t, e in per_task.items()}}])
     return result
+
+
+def evaluate_result(setup: EvalSetup, host: PluginHost, spec: MergeSpec, result: MergeResult,
+                    model: Any = None, params: Mapping[str, Any] | None = None,
+                    tag: str | None = None) -> dict[str, Any]:
+    """Evaluate a finished merge (its in-memory weights unless ``model`` is given) and record the
+    results under its run bundle and its method's directory."""
+    from mergekit_core.outputs import combo_dir
+
+    tag = tag or (result.run_dir.name if result.run_dir else "merge")
+    return evaluate_merge(setup, host, result.state_dict if model is None else model, method=result.method,
+                          sources=spec.sources, base_model=spec.base_model,
+                          combo_dir=combo_dir(spec.output_dir, result.method, spec.task_combo), tag=tag,
+                          params=result.params if params is None else params, run_dir=result.run_dir)
 
 
 def summarize(per_task: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any
 from mergekit_core.config import MergeConfig, MergeSpec
 from mergekit_core.engine.run import resolve_components, run_merge
 from mergekit_core.errors import ConfigError
-from mergekit_core.evaluation.evaluate import EvalSetup, evaluate_merge, make_setup
+from mergekit_core.evaluation.evaluate import EvalSetup, evaluate_result, setup_from_spec
 from mergekit_core.outputs import combo_dir, write_json
 from mergekit_core.plugins import PluginHost
 
@@ -71,8 +71,7 @@ def _targets(space: dict[str, Any], spec: MergeSpec, host: PluginHost) -> tuple[
 def plan_sweep(config: MergeConfig, host: PluginHost, *, evaluator: str | None = None) -> SweepPlan:
     """Validate the whole sweep (components, search space, evaluator, tasks) before any merge."""
     spec = config.to_spec()
-    sweep = spec.sweep
-    search = dict(sweep.get("search") or {"type": "grid", "grid": {}})
+    search = dict(spec.sweep.get("search") or {"type": "grid", "grid": {}})
     kind = search.get("type", "grid")
     strategy = host.get("search_strategy", kind)
     space = search.get("grid") if kind == "grid" else search.get("space")
@@ -82,14 +81,12 @@ def plan_sweep(config: MergeConfig, host: PluginHost, *, evaluator: str | None =
     seed = int(search.get("seed", spec.seed))
     strategy_params = strategy.resolve_params({k: v for k, v in search.items() if k not in (*SEARCH_KEYS, "seed")})
     targets, policy_name = _targets(space, spec, host)
-    setup = make_setup(host, evaluator or sweep.get("evaluator"), sweep.get("evaluator_params"),
-                       sweep.get("eval_tasks"), sweep.get("split", "validation"), sweep.get("eval_subset"),
-                       spec.output_dir)
+    setup = setup_from_spec(host, spec, evaluator=evaluator)
     identity = json.dumps({"spec": spec.to_json(), "search": search}, sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     journal = combo_dir(spec.output_dir, spec.method.name, spec.task_combo) / "sweeps" / f"journal_{digest}.jsonl"
     return SweepPlan(config, spec, setup, strategy, strategy_params, space, seed, targets, policy_name, journal,
-                     bool(sweep.get("save_merged", False)), bool(sweep.get("constraint_nonnegative", False)))
+                     bool(spec.sweep.get("save_merged", False)), bool(spec.sweep.get("constraint_nonnegative", False)))
 
 
 def point_config(plan: SweepPlan, point: dict[str, Any]) -> MergeConfig:
@@ -188,11 +185,8 @@ def _evaluate_point(plan: SweepPlan, host: PluginHost, point: dict[str, Any]) ->
     merged = run_merge(spec, host, in_memory=not plan.save_merged, write_bundle=plan.save_merged)
     model = merged.state_dict if merged.state_dict is not None else merged.output_path
     t1 = time.time()
-    tag = merged.run_dir.name if merged.run_dir else "sweep_" + hashlib.sha256(_key(point).encode()).hexdigest()[:8]
-    result = evaluate_merge(plan.setup, host, model, method=spec.method.name, sources=spec.sources,
-                            base_model=spec.base_model, combo_dir=combo_dir(spec.output_dir, spec.method.name,
-                                                                           spec.task_combo),
-                            tag=tag, params=point, run_dir=merged.run_dir)
+    tag = None if merged.run_dir else "sweep_" + hashlib.sha256(_key(point).encode()).hexdigest()[:8]
+    result = evaluate_result(plan.setup, host, spec, merged, model=model, params=point, tag=tag)
     summary = result["summary"]
     score = summary["min_interference_delta"]
     if score is None:  # no source is named after a task: rank by the worst task's own metric

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,9 +77,6 @@ class CheckpointReader:
         """The files whose bytes make up this checkpoint (for checksums)."""
         raise NotImplementedError
 
-    def metadata(self) -> dict[str, str]:
-        return {}
-
     def close(self) -> None:
         pass
 
@@ -89,12 +85,6 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.infos()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.infos())
 
 
 class SafetensorsReader(CheckpointReader):
@@ -151,9 +141,6 @@ class SafetensorsReader(CheckpointReader):
     def files(self) -> list[Path]:
         extra = [self.path / SAFETENSORS_INDEX] if (self.path / SAFETENSORS_INDEX).is_file() else []
         return [h.path for h in self.headers] + extra
-
-    def metadata(self) -> dict[str, str]:
-        return dict(self.headers[0].metadata) if self.headers else {}
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor with ``pread`` into memory this call owns.

@@ -144,10 +144,6 @@ class StreamingSafetensorsWriter:
         self._open: _OpenShard | None = None
         self.hashes: dict[str, str] = {}
 
-    @property
-    def planned(self) -> list[TensorInfo]:
-        return list(self._order)
-
     def _start_shard(self) -> None:
         self._shard_index += 1
         infos = self.shards[self._shard_index]

@@ -18,9 +18,9 @@ from typing import Any
 from mergekit_core.config import MergeConfig
 from mergekit_core.engine import run_merge
 from mergekit_core.errors import MergekitError
-from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
+from mergekit_core.evaluation.evaluate import evaluate_result, make_setup
 from mergekit_core.evaluation.sweep import run_sweep
-from mergekit_core.outputs import combo_dir, write_json
+from mergekit_core.outputs import write_json
 from mergekit_core.plugins import PluginHost
 from mk_digits.build import BuildSettings, build_pool
 from mk_digits.data import TASKS
@@ -34,6 +34,14 @@ def _row(name: str, accs: dict[str, float], ceiling: dict[str, float], note: str
         "mean_normalized": sum(accs[t] / ceiling[t] for t in accs) / len(accs),
         "worst_task": worst, "worst_accuracy": accs[worst], "per_task": accs, "note": note,
     }
+
+
+def _merge_and_score(host: PluginHost, setup: Any, config: dict[str, Any]) -> dict[str, float]:
+    """Merge in memory, evaluate on every task, record the run; returns task -> accuracy."""
+    spec = MergeConfig.from_dict(config).to_spec()
+    result = run_merge(spec, host, in_memory=True)
+    evaluation = evaluate_result(setup, host, spec, result)
+    return {t: e["value"] for t, e in evaluation["tasks"].items()}
 
 
 def run_benchmark(out: Path, host: PluginHost, quick: bool = False, log: Any = print) -> dict[str, Any]:
@@ -53,27 +61,15 @@ def run_benchmark(out: Path, host: PluginHost, quick: bool = False, log: Any = p
             log(f"skipping {method.name}: it merges at most {method.max_sources} sources")
             continue
         started = time.time()
-        spec = MergeConfig.from_dict({**base, "method": method.name}).to_spec()
-        result = run_merge(spec, host, in_memory=True)
-        evaluation = evaluate_merge(setup, host, result.state_dict, method=method.name, sources=spec.sources,
-                                    base_model=spec.base_model,
-                                    combo_dir=combo_dir(artifacts, method.name, spec.task_combo),
-                                    tag=result.run_dir.name, run_dir=result.run_dir, params=result.params)
-        accs = {t: e["value"] for t, e in evaluation["tasks"].items()}
+        accs = _merge_and_score(host, setup, {**base, "method": method.name})
         rows.append(_row(method.name, accs, ceiling, f"defaults, {time.time() - started:.1f} s"))
     sweep_cfg = MergeConfig.from_dict({
         **base, "method": "task_arithmetic", "evaluator": "digits", "evaluator_params": {"pool": str(pool)},
         "split": "validation", "search": {"type": "grid", "grid": {"lambda": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4]}}})
     sweep = run_sweep(sweep_cfg, host)
     best = sweep["best"]["point"]["lambda"]
-    spec = MergeConfig.from_dict({**base, "method": "task_arithmetic", "method_params": {"lambda": best}}).to_spec()
-    tuned = run_merge(spec, host, in_memory=True)
-    evaluation = evaluate_merge(setup, host, tuned.state_dict, method="task_arithmetic", sources=spec.sources,
-                                base_model=spec.base_model,
-                                combo_dir=combo_dir(artifacts, "task_arithmetic", spec.task_combo),
-                                tag=tuned.run_dir.name, run_dir=tuned.run_dir, params=tuned.params)
-    rows.append(_row(f"task_arithmetic, lambda={best:g} (sweep on validation)",
-                     {t: e["value"] for t, e in evaluation["tasks"].items()}, ceiling,
+    accs = _merge_and_score(host, setup, {**base, "method": "task_arithmetic", "method_params": {"lambda": best}})
+    rows.append(_row(f"task_arithmetic, lambda={best:g} (sweep on validation)", accs, ceiling,
                      "max-min interference on validation"))
     return {"pool": str(pool), "settings": meta["settings"], "split": "test", "rows": rows,
             "sweep": sweep["path"]}

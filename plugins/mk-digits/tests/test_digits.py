@@ -74,7 +74,6 @@ def test_lora_adapters_merge_through_the_engine(pool, tmp_path):
 
 
 def test_unlabeled_batches_and_forward(pool):
-    import torch
 
     path, _ = pool
     ev = HOST.get("evaluator", "digits")
