@@ -186,9 +186,11 @@ class TensorGroup:
 
 
 class PrepareContext:
-    """What :meth:`MergeMethod.prepare` sees: the plan, and the tensor groups the merge will see."""
+    """What :meth:`MergeMethod.prepare` sees: the plan, the tensor groups the merge will see, and
+    the plugin host (to look up an evaluator, say); ``plan.spec`` is the merge's spec."""
 
     plan: Any
+    host: Any = None
 
     def groups(self) -> Iterator[TensorGroup]:
         """Every tensor to merge, in plan order, as the method's ``merge`` will receive it."""

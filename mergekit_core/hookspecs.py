@@ -21,6 +21,8 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import typer
 
+    from mergekit_core.plugins import PluginHost
+
     from mergekit_core.components import (
         Architecture,
         Evaluator,
@@ -148,11 +150,12 @@ def mk_architectures() -> list[Architecture]:
 
 
 @hookspec
-def mk_register_commands(app: typer.Typer) -> None:
-    """Add Typer sub-apps or commands to ``mk``. Added in 0.1.
+def mk_register_commands(app: typer.Typer, host: PluginHost) -> None:
+    """Add Typer sub-apps or commands to ``mk``. Added in 0.1; ``host`` in 0.1.1.
 
     Add Typer apps, not Click commands (Typer bundles its own Click). Import heavy code inside
-    the command functions, not here.
+    the command functions, not here. ``host`` is the plugin host ``mk`` runs with (to open
+    checkpoints or run merges); take it only if the commands need it.
 
     Example::
 

@@ -296,7 +296,8 @@ class PluginHost:
             record = self._record(impl.plugin_name)
             groups, commands = len(app.registered_groups), len(app.registered_commands)
             try:
-                impl.function(app=app)
+                offered = {"app": app, "host": self}
+                impl.function(**{name: offered[name] for name in impl.argnames if name in offered})
             except Exception as exc:
                 del app.registered_groups[groups:]
                 del app.registered_commands[commands:]

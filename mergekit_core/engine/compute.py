@@ -273,8 +273,9 @@ class TensorMerger:
 class EnginePrepareContext(PrepareContext):
     """Gives ``prepare`` the groups ``merge`` will see; each pass re-reads the sources."""
 
-    def __init__(self, merger: TensorMerger) -> None:
+    def __init__(self, merger: TensorMerger, host: Any = None) -> None:
         self.plan = merger.plan
+        self.host = host
         self._merger = merger
 
     def groups(self) -> Iterator[TensorGroup]:

@@ -8,12 +8,20 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_core.components import LambdaPolicy, MergeMethod, Optimizer, OptimizerContext, Transform
+from mergekit_core.components import (
+    LambdaPolicy,
+    MergeMethod,
+    Optimizer,
+    OptimizerContext,
+    PrepareContext,
+    Transform,
+)
 from mergekit_core.config import MergeSpec
 from mergekit_core.engine.compute import EnginePrepareContext, TensorMerger
 from mergekit_core.engine.execute import StreamReport, output_infos, stream_merge
@@ -172,6 +180,29 @@ def lambda_values(plan: MergePlan, comps: Components, host: PluginHost) -> dict[
     return dict(comps.optimizer.optimize(context, comps.optimizer_params))
 
 
+@contextmanager
+def prepare_context(spec: MergeSpec, host: PluginHost) -> Iterator[tuple[PrepareContext, Components]]:
+    """The tensor groups a merge of ``spec`` would hand its method, without merging anything.
+
+    For commands that analyse or compress the sources with the engine's reading, transforms and
+    lambda policy (``mk svd-hybrid compress``): ``context.groups()`` streams them, one read of the
+    sources per call.
+    """
+    bound_allocator()
+    comps = resolve_components(spec, host)
+    plan = build_plan(spec, host, comps.method)
+    merger: TensorMerger | None = None
+    try:
+        chosen = lambda_values(plan, comps, host)
+        merger = TensorMerger(plan, comps.method, comps.params, comps.transforms, comps.policy, chosen,
+                              compute_dtype=spec.compute_dtype)
+        yield EnginePrepareContext(merger, host), comps
+    finally:
+        if merger is not None:
+            merger.close()
+        plan.close()
+
+
 def _model_spec(spec: MergeSpec) -> MergeSpec:
     """The same merge, as full weights in memory (what an optimizer evaluates)."""
     from dataclasses import replace
@@ -208,7 +239,7 @@ def run_merge(
                               compute_dtype=spec.compute_dtype, allow_nonfinite=allow_nonfinite,
                               warn=warnings.append)
         if comps.method.needs_prepare:
-            merger.state = comps.method.prepare(EnginePrepareContext(merger), comps.params)
+            merger.state = comps.method.prepare(EnginePrepareContext(merger, host), comps.params)
         out_path = spec.output.path
         run_dir = new_run_dir(spec.output_dir, comps.method.name, spec.task_combo) if write_bundle else None
         save = spec.output.save and not in_memory

@@ -1,0 +1,1 @@
+"""SVD-Hybrid merging and compression for mergekit-core."""

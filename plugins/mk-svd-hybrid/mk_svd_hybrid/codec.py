@@ -1,0 +1,266 @@
+"""Encode one tensor's task vectors into an SVD-Hybrid record, and decode it again.
+
+A record is a dict of small tensors (stored in the artifact) plus a JSON-able ``meta``.
+Matrices (2-D, or N-D viewed as [shape[0], -1]) are split by the combined mask M into a signal
+region, coded with one shared SVD basis per cluster of tasks (fp16 coefficients for the leading
+components, quantized ones for the rest), and a noise region with its own treatment. Vectors
+(0-D and 1-D tensors) keep each task's values in fp16 and are averaged when merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mk_svd_hybrid import masks as masklib
+from mk_svd_hybrid.quantize import (
+    Quantized,
+    dequantize_stages,
+    pack_codes,
+    residual_quantize,
+    rtvq,
+    unpack_codes,
+)
+from mk_svd_hybrid.rank import energy_rank, shared_basis
+
+SEP = "::"
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    energy: float = 0.9
+    fp16_energy: float = 0.5
+    max_rank: int = 0
+    svd: str = "exact"
+    oversample_rank: int = 128
+    svd_niter: int = 2
+    quant: str = "rtvq"
+    bits: int = 4
+    base_bits: int = 3
+    offset_bits: int = 2
+    stages: int = 2
+    noise: str = "rtvq"
+    mask: str = "tall"
+    mask_lambdas: tuple[float, ...] = ()
+    mask_strategy: str = "union"
+    keep_task_masks: bool = True
+    clusters: tuple[tuple[int, ...], ...] = ()
+    """Task indices of each cluster; one basis per cluster."""
+
+
+@dataclass
+class Record:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+# --------------------------------------------------------------------------- quantized blocks
+
+
+def _store_stages(record: Record, prefix: str, stages: list[Quantized]) -> None:
+    record.meta.setdefault("blocks", {})[prefix] = {"bits": stages[0].bits, "shape": list(stages[0].codes.shape),
+                                                    "stages": len(stages)}
+    for j, q in enumerate(stages):
+        record.tensors[f"{prefix}.s{j}.codes"] = pack_codes(q.codes, q.bits)
+        record.tensors[f"{prefix}.s{j}.step"] = q.step.float().contiguous()
+        record.tensors[f"{prefix}.s{j}.zero"] = q.zero.contiguous()
+
+
+def _load_stages(record: Record, prefix: str) -> torch.Tensor:
+    info = record.meta["blocks"][prefix]
+    shape, bits = info["shape"], info["bits"]
+    count = 1
+    for d in shape:
+        count *= d
+    stages = []
+    for j in range(info["stages"]):
+        codes = unpack_codes(record.tensors[f"{prefix}.s{j}.codes"], bits, count).reshape(shape)
+        stages.append(Quantized(codes, record.tensors[f"{prefix}.s{j}.step"],
+                                record.tensors[f"{prefix}.s{j}.zero"], bits))
+    return dequantize_stages(stages)
+
+
+def _quantize_tasks(record: Record, prefix: str, x: torch.Tensor, s: CodecSettings, scheme: str) -> None:
+    """``x`` is [T, rows, cols]: RTVQ (shared base + offsets) or independent residual stages."""
+    if scheme == "rtvq":
+        base, offsets = rtvq(x, s.base_bits, s.offset_bits, s.stages)
+        _store_stages(record, f"{prefix}.base", base)
+        _store_stages(record, f"{prefix}.offset", offsets)
+    else:
+        _store_stages(record, prefix, residual_quantize(x, s.bits, s.stages))
+
+
+def _dequantize_tasks(record: Record, prefix: str) -> torch.Tensor:
+    if f"{prefix}.base" in record.meta["blocks"]:
+        return _load_stages(record, f"{prefix}.base").unsqueeze(0) + _load_stages(record, f"{prefix}.offset")
+    return _load_stages(record, prefix)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def matrix_view(shape: Sequence[int]) -> tuple[int, int, bool]:
+    """(rows, cols, transposed) of the 2-D view whose rows are the smaller side (the basis side)."""
+    m = shape[0]
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return (n, m, True) if m > n else (m, n, False)
+
+
+def _as_matrix(x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    x2 = x.reshape(x.shape[0], -1)
+    return x2.T if transposed else x2
+
+
+def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torch.Tensor | None = None,
+           seed: int = 0) -> Record:
+    """Compress one tensor's task vectors (one per task, same shape)."""
+    shape = list(deltas[0].shape)
+    record = Record(meta={"shape": shape})
+    if len(shape) < 2:
+        record.meta["kind"] = "vector"
+        record.tensors["values"] = torch.stack([d.float().reshape(-1) for d in deltas]).half()
+        return record
+    rows, cols, transposed = matrix_view(shape)
+    record.meta.update(kind="matrix", transposed=transposed, rows=rows, cols=cols)
+    if task_masks is None and s.mask == "tall":
+        task_masks = masklib.tall_masks(deltas, s.mask_lambdas or [0.4] * len(deltas))
+    if task_masks is not None:
+        combined = masklib.combine(task_masks, s.mask_strategy)
+        record.tensors["mask"] = masklib.pack(combined)
+        if s.keep_task_masks:
+            record.tensors["task_masks"] = torch.stack([masklib.pack(m) for m in task_masks])
+        signal = _as_matrix(combined, transposed)
+    else:
+        signal = None
+    record.meta["signal_fraction"] = 1.0 if signal is None else float(signal.float().mean())
+    mats = [_as_matrix(d.float(), transposed) for d in deltas]
+    signals = [m * signal if signal is not None else m for m in mats]
+    clusters = s.clusters or (tuple(range(len(deltas))),)
+    record.meta["clusters"] = []
+    for c, members in enumerate(clusters):
+        basis = shared_basis([signals[t] for t in members], s.energy, max_rank=s.max_rank,
+                             randomized=s.svd == "randomized", oversample_rank=s.oversample_rank,
+                             niter=s.svd_niter, seed=seed + c)
+        u16 = basis.vectors.half()
+        k = u16.shape[1]
+        k_high = min(k, energy_rank(basis.sq_singular.sqrt(), s.fp16_energy, basis.total_energy)) if k else 0
+        record.tensors[f"basis.{c}"] = u16
+        u = u16.float()
+        coef = torch.stack([u.T @ signals[t] for t in members]) if k else torch.zeros(len(members), 0, cols)
+        record.tensors[f"high.{c}"] = coef[:, :k_high].half().contiguous()
+        if k > k_high:
+            _quantize_tasks(record, f"low.{c}", coef[:, k_high:], s, s.quant)
+        record.meta["clusters"].append({"tasks": list(members), "rank": k, "fp16_rank": k_high,
+                                        "energy_kept": basis.energy_kept()})
+    record.meta["noise"] = s.noise if signal is not None and not bool(signal.all()) else "none"
+    if record.meta["noise"] != "none":
+        outside = ~signal
+        values = torch.stack([m[outside] for m in mats])  # [T, n_noise]
+        if s.noise == "mean":
+            record.tensors["noise.mean"] = values.mean(0).half()
+        elif s.noise == "rtvq":
+            _quantize_tasks(record, "noise", values.unsqueeze(1), s, "rtvq")
+    return record
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class Decoder:
+    """Rebuilds task vectors, or their weighted sum, from a record (validated by the store)."""
+
+    def __init__(self, record: Record) -> None:
+        self.record = record
+        self.meta = record.meta
+        self.shape = tuple(record.meta["shape"])
+        self._noise: torch.Tensor | None = None
+        self._signal: torch.Tensor | None = None
+        self._coef: dict[int, torch.Tensor] = {}
+
+    @property
+    def num_tasks(self) -> int:
+        if self.meta["kind"] == "vector":
+            return self.record.tensors["values"].shape[0]
+        return sum(len(c["tasks"]) for c in self.meta["clusters"])
+
+    def signal_mask(self) -> torch.Tensor | None:
+        if "mask" not in self.record.tensors:
+            return None
+        if self._signal is None:
+            full = masklib.unpack(self.record.tensors["mask"], self.shape)
+            self._signal = _as_matrix(full, self.meta["transposed"])
+        return self._signal
+
+    def coefficients(self, c: int) -> torch.Tensor:
+        """[T_c, k, cols] coefficients of cluster ``c`` (fp16 part and dequantized part)."""
+        if c not in self._coef:
+            high = self.record.tensors[f"high.{c}"].float()
+            parts = [high]
+            if self.meta["clusters"][c]["rank"] > self.meta["clusters"][c]["fp16_rank"]:
+                parts.append(_dequantize_tasks(self.record, f"low.{c}"))
+            self._coef[c] = torch.cat(parts, dim=1)
+        return self._coef[c]
+
+    def noise_values(self) -> torch.Tensor | None:
+        """[T, n_noise] values of the noise region, or None when it is dropped or empty."""
+        mode = self.meta.get("noise", "none")
+        if mode in ("none", "drop"):
+            return None
+        if self._noise is None:
+            if mode == "mean":
+                mean = self.record.tensors["noise.mean"].float()
+                self._noise = mean.unsqueeze(0).expand(self.num_tasks, -1)
+            else:
+                self._noise = _dequantize_tasks(self.record, "noise")[:, 0]
+        return self._noise
+
+    def _finish(self, matrix: torch.Tensor) -> torch.Tensor:
+        if self.meta["transposed"]:
+            matrix = matrix.T
+        return matrix.reshape(self.shape).contiguous()
+
+    def combine(self, weights: Sequence[float], signal_weight: float = 1.0, noise_weight: float = 1.0
+                ) -> torch.Tensor:
+        """sum_t weights[t] * tau_hat_t, with the signal and noise regions scaled separately."""
+        if self.meta["kind"] == "vector":
+            values = self.record.tensors["values"].float()
+            out = torch.zeros(values.shape[1])
+            for t, w in enumerate(weights):
+                out += float(w) * values[t]
+            return out.reshape(self.shape)
+        rows, cols = self.meta["rows"], self.meta["cols"]
+        out = torch.zeros(rows, cols)
+        for c, info in enumerate(self.meta["clusters"]):
+            if info["rank"] == 0:
+                continue
+            coef = self.coefficients(c)
+            mixed = torch.zeros(coef.shape[1:])
+            for i, t in enumerate(info["tasks"]):
+                mixed += float(weights[t]) * coef[i]
+            out += self.record.tensors[f"basis.{c}"].float() @ mixed
+        out *= signal_weight
+        signal = self.signal_mask()
+        if signal is not None:
+            out.masked_fill_(~signal, 0.0)
+            noise = self.noise_values()
+            if noise is not None:
+                mixed_noise = torch.zeros(noise.shape[1])
+                for t, w in enumerate(weights):
+                    mixed_noise += float(w) * noise[t]
+                out[~signal] = noise_weight * mixed_noise
+        return self._finish(out)
+
+    def task(self, t: int) -> torch.Tensor:
+        """Task ``t``'s own rebuilt task vector."""
+        weights = [0.0] * self.num_tasks
+        weights[t] = 1.0
+        return self.combine(weights)
