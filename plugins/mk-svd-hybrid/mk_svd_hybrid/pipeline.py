@@ -48,8 +48,8 @@ def source_accuracies(context: PrepareContext, tasks: Sequence[str]) -> dict[str
     """Each source's own accuracy on its task (same name), from the config's evaluator."""
     from mergekit_core.evaluation.evaluate import individual_metric, setup_from_spec
 
-    spec = context.plan.spec
-    if context.host is None or not spec.sweep.get("evaluator"):
+    spec = context.plan.spec if context.plan is not None else None
+    if context.host is None or spec is None or not spec.sweep.get("evaluator"):
         raise ConfigError("svd_hybrid: accuracies: evaluate needs an evaluator in the config "
                           "(evaluator: NAME, evaluator_params: ...)", hint="or give the accuracies as numbers")
     setup = setup_from_spec(context.host, spec, tasks=list(tasks))
@@ -89,8 +89,8 @@ def task_weights(context: PrepareContext, params: Mapping[str, Any], tasks: Sequ
         return w, [0] * n, {"accuracies": dict(zip(tasks, accuracies)), "temperature": params["temperature"]}
     if mode == "cluster":
         gram = task_gram(context, n)
-        labels = weighting.cluster_tasks(gram, params["n_clusters"], params["cluster_method"],
-                                         seed=context.plan.spec.seed)
+        seed = context.plan.spec.seed if context.plan is not None else 0
+        labels = weighting.cluster_tasks(gram, params["n_clusters"], params["cluster_method"], seed=seed)
         return (weighting.cluster_weights(labels), labels,
                 {"cosine": weighting.cosine_matrix(gram).round(6).tolist(), "method": params["cluster_method"]})
     return weighting.uniform(n), [0] * n, {}
@@ -152,16 +152,17 @@ def compress(context: PrepareContext, params: Mapping[str, Any], directory: Path
              progress: Progress | None = None) -> dict[str, Any]:
     """Write the artifact of the merge ``context`` describes into ``directory``; return its manifest."""
     plan = context.plan
-    tasks = [s.name for s in plan.sources]
-    if len(tasks) < 1:
-        raise ConfigError("svd_hybrid needs at least one source")
-    if plan.base is None:
-        raise ConfigError("svd_hybrid works on task vectors: give base_model")
+    if plan is not None:
+        tasks = [s.name for s in plan.sources]
+        if plan.base is None:
+            raise ConfigError("svd_hybrid works on task vectors: give base_model")
+    else:  # a bare PrepareContext (plugin tests): the groups name the sources
+        tasks = list(next(iter(context.groups())).source_names)
     weights, labels, weight_info = task_weights(context, params, tasks)
     clusters = [[t for t in range(len(tasks)) if labels[t] == c] for c in range(max(labels) + 1)]
     codec = settings(params, len(tasks), clusters if len(clusters) > 1 else ())
     masks = MaskFile(Path(params["mask_file"]), len(tasks)) if params["mask_file"] else None
-    dtypes = {t.name: t.dtype for t in plan.tensors}
+    dtypes = {t.name: t.dtype for t in plan.tensors} if plan is not None else {}
     writer = ArtifactWriter(directory, int(params["shard_mb"] * 2**20))
     diag = Diagnostics(tasks)
     structure = hashlib.sha256()
@@ -197,7 +198,8 @@ def compress(context: PrepareContext, params: Mapping[str, Any], directory: Path
         "tasks": tasks, "weights": weights, "clusters": clusters, "weighting": {"mode": params["weighting"],
                                                                                  **weight_info},
         "settings": {k: v for k, v in params.items() if k != "artifact_dir"},
-        "base_model": {"path": str(plan.spec.base_model), "structure_sha256": structure.hexdigest()},
+        "base_model": {"path": str(plan.spec.base_model) if plan is not None else None,
+                       "structure_sha256": structure.hexdigest()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return writer.finish(header)

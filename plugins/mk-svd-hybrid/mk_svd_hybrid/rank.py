@@ -23,6 +23,8 @@ def energy_rank(singular_values: torch.Tensor, threshold: float, total_energy: f
     total = float(sq.sum()) if total_energy is None else float(total_energy)
     if total <= 0.0 or sq.numel() == 0:
         return 0
+    if threshold >= 1.0:  # every component with energy, whatever the rounding of the cumulative sum
+        return max(1, int((sq > 0).sum()))
     cumulative = torch.cumsum(sq, 0) / total
     k = int(torch.searchsorted(cumulative, torch.tensor([threshold], dtype=cumulative.dtype))[0]) + 1
     return max(1, min(k, sq.numel()))
