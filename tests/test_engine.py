@@ -373,3 +373,21 @@ def test_tied_head_and_orphan_tensors_are_never_silent(tmp_path, models):
     result = run_merge(spec_of(tmp_path, method="uniform", base_model=str(paths["base"]),
                                sources=[str(paths["ft1"])]), HOST, in_memory=True)
     assert any("lm_head.weight: left out" in w for w in result.metadata["warnings"])
+
+
+def test_prepare_context_streams_the_groups_a_merge_sees(tmp_path, models):
+    from mergekit_core.engine import prepare_context
+
+    paths, tensors = models
+    spec = spec_of(tmp_path, method="task_arithmetic", base_model=str(paths["base"]), method_params={"lambda": 0.7},
+                   sources=[str(paths["ft1"]), str(paths["ft2"])])
+    with prepare_context(spec, HOST) as (context, comps):
+        assert context.host is HOST and comps.params["lambda"] == 0.7
+        groups = list(context.groups())
+    floats = [k for k, v in tensors["base"].items() if v.is_floating_point()]
+    assert sorted(g.name for g in groups) == sorted(floats)
+    for g in groups:
+        assert g.coefficients == [0.7, 0.7]
+        for delta, src in zip(g.tensors, ("ft1", "ft2")):
+            np.testing.assert_allclose(delta.numpy(), (tensors[src][g.name] - tensors["base"][g.name]).numpy(),
+                                       rtol=1e-6, atol=1e-6)

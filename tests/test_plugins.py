@@ -186,6 +186,26 @@ def test_register_commands_failure_is_contained(fake_dist):
     assert record.status == "error" and "after adding" in record.error
 
 
+def test_register_commands_hands_the_host_to_commands_that_ask(fake_dist):
+    import typer
+
+    fake_dist("mk-cmd2", {"cmd2": "cmd2_plugin"}, {"cmd2_plugin": """
+        import typer
+        from mergekit_core import hookimpl
+        SEEN = []
+        @hookimpl
+        def mk_register_commands(app, host):
+            SEEN.append(host)
+            app.add_typer(typer.Typer(), name="with-host")
+    """})
+    host = PluginHost(environ={})
+    app = typer.Typer()
+    host.register_commands(app)
+    import cmd2_plugin
+
+    assert cmd2_plugin.SEEN == [host] and "with-host" in [g.name for g in app.registered_groups]
+
+
 @pytest.mark.parametrize("kind", sorted(__import__("mergekit_core.components").components.KIND_HOOKS))
 def test_every_component_hook_registers_a_third_party_component(kind):
     import types

@@ -34,6 +34,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     "energy 0.99": {"energy": 0.99},
     "no masks": {"mask": "none"},
+    "task masks not stored": {"keep_task_masks": False},
     "majority masks": {"mask_strategy": "majority"},
     "performance": {"weighting": "performance", "accuracies": "evaluate"},
     "cluster (kmeans, 2)": {"weighting": "cluster", "n_clusters": 2},

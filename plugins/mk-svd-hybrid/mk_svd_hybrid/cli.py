@@ -106,7 +106,8 @@ def make_app(host: PluginHost) -> typer.Typer:
 
     @app.command("compress")
     def compress_cmd(
-        config: Path = typer.Argument(None, help="A merge config (YAML); method_params configure SVD-Hybrid."),
+        inputs: list[str] = typer.Argument(None, help="A merge config (YAML; method_params configure SVD-Hybrid) "
+                                                     "and/or source paths.", show_default=False),
         out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
         sources: list[str] = typer.Option(None, "--sources", "-s", help="Fine-tuned models or adapters."),
         base: str = typer.Option(None, "--base", help="Base model the task vectors are taken from."),
@@ -118,7 +119,10 @@ def make_app(host: PluginHost) -> typer.Typer:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
         as_json: bool = typer.Option(False, "--json", help="Print the overall diagnostics as JSON."),
     ) -> None:
-        """Compress the sources' task vectors into an artifact directory (no merged model is written)."""
+        """Compress the sources' task vectors into an artifact directory (no merged model is written).
+
+        Example: mk svd-hybrid compress --base pool/base pool/task_a pool/task_b --out artifact/
+        """
         from mergekit_core.engine import prepare_context
         from mergekit_core.io.writer import AtomicDirectory
         from mk_svd_hybrid.pipeline import compress
@@ -127,7 +131,12 @@ def make_app(host: PluginHost) -> typer.Typer:
         for key, value in (("weighting", weighting), ("energy", energy)):
             if value is not None:
                 params[key] = value
-        spec = _spec(config, list(sources or []), base, params)
+        inputs = list(inputs or [])
+        configs = [Path(p) for p in inputs if p.endswith((".yaml", ".yml"))]
+        if len(configs) > 1:
+            raise UsageError(f"give one config file, got {len(configs)}")
+        paths = list(sources or []) + [p for p in inputs if not p.endswith((".yaml", ".yml"))]
+        spec = _spec(configs[0] if configs else None, paths, base, params)
         with prepare_context(spec, host) as (context, comps):
             total = len(context.plan.by_action("merge"))
             if comps.params["artifact_dir"]:
