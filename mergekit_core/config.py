@@ -355,6 +355,21 @@ class MergeConfig:
         return out
 
 
+def parse_key_values(items: list[str], flag: str = "--param") -> dict[str, Any]:
+    """``KEY=VALUE`` words from the command line; values are read as YAML (numbers, lists, maps)."""
+    import yaml
+
+    from mergekit_core.errors import UsageError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"{flag} {item!r}: write KEY=VALUE, e.g. {flag} k=20")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def load_merge_config(path: Path | str) -> MergeConfig:
     """Read a YAML config safely; raise ConfigError naming the file on any problem."""
     import yaml

@@ -19,15 +19,9 @@ EPILOG = (
 
 
 def _parse_params(items: list[str]) -> dict[str, Any]:
-    import yaml
+    from mergekit_core.config import parse_key_values
 
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--param {item!r}: write KEY=VALUE, e.g. --param k=20")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return parse_key_values(items)
 
 
 def _eval_params(items: list[str] | None) -> dict[str, Any]:

@@ -11,18 +11,6 @@ import typer
 from mergekit_core import PluginHost, UsageError
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--param {item!r}: write KEY=VALUE, e.g. --param energy=0.9")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
 def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().absolute()) if path else None
 
@@ -127,7 +115,9 @@ def make_app(host: PluginHost) -> typer.Typer:
         from mergekit_core.io.writer import AtomicDirectory
         from mk_svd_hybrid.pipeline import compress
 
-        params = _parse_params(list(param or []))
+        from mergekit_core.config import parse_key_values
+
+        params = parse_key_values(list(param or []))
         for key, value in (("weighting", weighting), ("energy", energy)):
             if value is not None:
                 params[key] = value
