@@ -170,6 +170,9 @@ def compress(context: PrepareContext, params: Mapping[str, Any], directory: Path
     for group in context.groups():
         if group.base is None:
             raise MergeError(f"{group.name}: svd_hybrid needs the base model's tensor (it codes task vectors)")
+        if len(group.tensors) != len(tasks):
+            raise MergeError(f"{group.name}: only {len(group.tensors)} of {len(tasks)} sources have this tensor; "
+                             "svd_hybrid codes every task", hint="use merge_mode: union (a missing tensor is a zero delta)")
         given = masks.get(group.name, group.base.shape) if masks is not None and group.base.dim() >= 2 else None
         t0 = time.perf_counter()
         record = encode(group.tensors, codec, task_masks=given, seed=group.seed)
