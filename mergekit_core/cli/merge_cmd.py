@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from mergekit_core.config import parse_key_values
 from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
 
@@ -18,16 +19,10 @@ EPILOG = (
 )
 
 
-def _parse_params(items: list[str]) -> dict[str, Any]:
-    from mergekit_core.config import parse_key_values
-
-    return parse_key_values(items)
-
-
 def _eval_params(items: list[str] | None) -> dict[str, Any]:
     """``--eval-param k=v``; values naming an existing relative path become absolute (cwd)."""
     return {k: (str(Path(v).absolute()) if isinstance(v, str) and v and Path(v).exists() else v)
-            for k, v in _parse_params(list(items or [])).items()}
+            for k, v in parse_key_values(list(items or [])).items()}
 
 
 def _absolute(path: str | None) -> str | None:
@@ -203,7 +198,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             overrides["sources"] = all_sources
         if exclude:
             overrides["exclude"] = list(exclude)
-        method_params = _parse_params(list(param or []))
+        method_params = parse_key_values(list(param or []))
         if lam is not None:
             method_params["lambda"] = lam
         config_path = Path(configs[0]) if configs else None

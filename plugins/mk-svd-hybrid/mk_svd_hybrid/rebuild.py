@@ -15,7 +15,7 @@ from mergekit_core.io.dtypes import is_float, safetensors_code, torch_dtype
 from mergekit_core.io.formats import open_checkpoint
 from mergekit_core.io.safetensors_header import TensorInfo
 from mergekit_core.io.writer import AtomicDirectory, StreamingSafetensorsWriter, copy_model_files
-from mk_svd_hybrid.pipeline import merge_weights
+from mk_svd_hybrid.pipeline import merged_delta
 from mk_svd_hybrid.store import ArtifactReader, tensor_sha256
 
 
@@ -59,7 +59,6 @@ def reconstruct(artifact: Path | str, base_model: Path | str, out: Path | str, h
         _check_base(reader, infos, Path(base_model))
         target = task_index(reader, task) if task is not None else None
         coded = reader.manifest["tensors"]
-        settings = reader.manifest["settings"]
         out_infos = []
         for name, info in infos.items():
             code = info.dtype
@@ -74,7 +73,7 @@ def reconstruct(artifact: Path | str, base_model: Path | str, out: Path | str, h
                 for info in out_infos:
                     x = base.get(info.name)
                     if info.name in coded:
-                        x = _rebuilt(reader, info.name, x, target, lam, settings).to(torch_dtype(info.dtype))
+                        x = _rebuilt(reader, info.name, x, target, lam).to(torch_dtype(info.dtype))
                     writer.write(info.name, x)
                     if progress is not None:
                         progress(info.name)
@@ -89,18 +88,15 @@ def reconstruct(artifact: Path | str, base_model: Path | str, out: Path | str, h
             "rebuilt": len(coded), "sha256": hashes}
 
 
-def _rebuilt(reader: ArtifactReader, name: str, base: Any, target: int | None, lam: float | None,
-             settings: dict[str, Any]) -> Any:
+def _rebuilt(reader: ArtifactReader, name: str, base: Any, target: int | None, lam: float | None) -> Any:
     meta = reader.manifest["tensors"][name]
     basef = base.float()
     if tensor_sha256(basef) != meta["base_sha256"]:
         raise FormatError(f"{name}: the base model's tensor differs from the one the artifact {reader.directory} "
                           f"was made from", hint="reconstruct with the base model the artifact was made from")
-    decoder = reader.decoder(name, tuple(base.shape))
     if target is not None:
-        delta = decoder.task(target)
+        delta = reader.decoder(name, tuple(base.shape)).task(target)
     else:
         coefficients = meta["coefficients"] if lam is None else [lam] * len(reader.tasks)
-        delta = decoder.combine(merge_weights(reader, coefficients), settings["signal_weight"],
-                                settings["noise_weight"])
+        delta = merged_delta(reader, name, coefficients, tuple(base.shape))
     return delta.add_(basef)

@@ -25,7 +25,7 @@ def open_artifact_session(context: PrepareContext, params: dict[str, Any]) -> Ar
         dest = Path(params["artifact_dir"])
         with AtomicDirectory(dest) as tmp:
             compress(context, params, tmp)
-        return ArtifactSession(ArtifactReader(dest))
+        return ArtifactSession(ArtifactReader(dest, verify=False))  # just written and hashed
     temporary = tempfile.TemporaryDirectory(prefix="mk-svd-hybrid-")
     compress(context, params, Path(temporary.name))
     return ArtifactSession(ArtifactReader(temporary.name, verify=False), temporary)
