@@ -117,13 +117,13 @@ def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
     dest.mkdir()
     (dest / "old.txt").write_text("keep")
     with pytest.raises(RuntimeError):
-        with AtomicDirectory(dest) as tmp:
+        with AtomicDirectory(dest, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("crash")
     assert [p.name for p in dest.iterdir()] == ["old.txt"]
-    with AtomicDirectory(dest) as tmp:
+    with AtomicDirectory(dest, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert [p.name for p in dest.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == [".mergekit-output.json", "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 

@@ -87,3 +87,24 @@ def main(argv: Sequence[str] | None = None, host: PluginHost | None = None) -> N
             raise
         print("Interrupted.", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:  # the machine, not the input: a full disk, a permission, a vanished file
+        if debug:
+            raise
+        report_error(os_error(error))
+        sys.exit(1)
+
+
+def os_error(error: OSError) -> MergekitError:
+    """An operating-system failure as one line naming the file and what to do."""
+    import errno
+
+    where = error.filename or "a file"
+    hints = {
+        errno.ENOSPC: "free disk space (or write elsewhere) and run again; nothing was left half-written",
+        errno.EDQUOT: "free space within your disk quota and run again; nothing was left half-written",
+        errno.EACCES: "check the permissions, or choose another path",
+        errno.EPERM: "check the permissions, or choose another path",
+        errno.EROFS: "the file system is read-only: write elsewhere",
+    }
+    reason = error.strerror or type(error).__name__
+    return MergekitError(f"{where}: {reason}", hint=hints.get(error.errno or 0, "MK_DEBUG=1 shows the traceback"))

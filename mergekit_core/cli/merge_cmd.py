@@ -157,12 +157,18 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         lam: float = typer.Option(None, "--lambda", help="The method's lambda (scaling of task vectors)."),
         param: list[str] = typer.Option(None, "--param", "-p", help="Method parameter KEY=VALUE (repeat)."),
         policy: str = typer.Option(None, "--policy", help="Lambda policy: scalar, per_layer, per_task, ..."),
-        out: str = typer.Option(None, "--out", "-o", help="Write the merged model or adapter here."),
+        out: str = typer.Option(None, "--out", "-o", help="Write the merged model or adapter here (a new or empty "
+                                "directory, or a previous output of mk, which is replaced)."),
+        force: bool = typer.Option(False, "--force", help="Replace --out even if it is a non-empty directory mk "
+                                   "did not write (never a source or the base)."),
         kind: str = typer.Option(None, "--kind", help="Output kind: auto, model or adapter."),
         dtype: str = typer.Option(None, "--dtype", help="Output dtype: fp32, fp16 or bf16."),
         adapter_rank: int = typer.Option(None, "--adapter-rank", help="Rank of an adapter output."),
         mode: str = typer.Option(None, "--mode", help="merge_mode: common, strict or union."),
         exclude: list[str] = typer.Option(None, "--exclude", help="Tensor-name glob not to merge (repeat)."),
+        untie: bool = typer.Option(False, "--untie-embeddings",
+                                   help="Base ties lm_head to the embeddings: write an untied output that keeps "
+                                        "the sources' heads."),
         seed: int = typer.Option(None, "--seed", help="Seed of random transforms."),
         output_dir: str = typer.Option(None, "--output-dir", help="Root of run bundles (default artifacts)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; read no tensor."),
@@ -192,7 +198,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             "method": method, "base_model": _absolute(base), "lambda_policy": policy, "merge_mode": mode,
             "seed": seed, "output_dir": _absolute(output_dir), "output.path": _absolute(out),
             "output.kind": kind, "output.dtype": dtype,
-            "output.adapter_rank": adapter_rank,
+            "output.adapter_rank": adapter_rank, "untie_word_embeddings": True if untie else None,
         }
         if all_sources:
             overrides["sources"] = all_sources
@@ -211,6 +217,9 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             raise UsageError("nothing to merge: give a config file or --sources", hint="see 'mk merge --help'")
         spec = build_spec(config_path, overrides)
         if dry_run:
+            from mergekit_core.engine.run import check_outputs
+
+            check_outputs(spec, force=force)
             info = print_plan(spec, host)
             if as_json:
                 typer.echo(json.dumps(info))
@@ -225,7 +234,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                                     tasks=list(eval_tasks), split=split)
         show = not quiet and not as_json and sys.stderr.isatty()
         result = run_merge(spec, host, progress=RichProgress() if show else None,
-                           allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs)
+                           allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs, force=force)
         evaluation = _evaluate_result(setup, host, spec, result) if setup is not None else None
         summary = {
             "method": result.method, "output_kind": result.output_kind,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mergekit_core.engine.compute import TensorMerger
 from mergekit_core.engine.plan import TensorPlan
-from mergekit_core.io.dtypes import torch_dtype
+from mergekit_core.io.dtypes import all_finite, check_finite, torch_dtype
 from mergekit_core.io.safetensors_header import TensorInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +30,8 @@ class StreamReport:
     bytes_written: int = 0
     delta_sq: float = 0.0
     base_sq: float = 0.0
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    """Tensors written with NaN or Inf (only with ``allow_nonfinite``): name -> count."""
 
     @property
     def relative_delta_norm(self) -> float | None:
@@ -57,7 +59,7 @@ def _work(merger: TensorMerger, t: TensorPlan) -> tuple[TensorPlan, Any]:
         return t, merger.read(t)
     if t.action == "copy":
         if t.copy_from is None:
-            return t, merger.plan.base.get(t.name)
+            return t, merger.plan.base.get(t.base_key or t.name)
         source = merger.plan.sources[t.copy_from]
         return t, source.reader.get(t.contributions[t.copy_from].key)
     return t, None
@@ -73,6 +75,19 @@ def _prefetched(merger: TensorMerger, tensors: list[TensorPlan]) -> Iterator[tup
             future = pool.submit(_work, merger, nxt)
             yield current
         yield future.result()
+
+
+def _nonfinite_output(merger: TensorMerger, t: TensorPlan, loaded: Any, out: torch.Tensor,
+                      computed: torch.Tensor | None) -> int:
+    """The merge, or its cast to the output dtype, must not write NaN or Inf (the same rule as for
+    non-finite inputs); returns how many such values ``allow_nonfinite`` lets through."""
+    if all_finite(out):
+        return 0
+    if computed is None:  # the fused path keeps no float32 copy: recompute it to tell why
+        computed = merger.merge(t, merger.deltas(t, loaded)).tensor
+    already_warned = not all_finite(computed)  # merge() reported it
+    return check_finite(t.name, out, allow=merger.allow_nonfinite, computed=computed,
+                        warn=None if already_warned else merger.warn)
 
 
 def stream_merge(
@@ -95,9 +110,14 @@ def stream_merge(
             if merger.can_fuse(t):
                 merged = merger.fused(t, loaded, target)
                 out = merged.tensor
+                computed = None
             else:
                 merged = merger.merge(t, merger.deltas(t, loaded))
                 out = merged.tensor.to(target)
+                computed = merged.tensor
+            bad = _nonfinite_output(merger, t, loaded, out, computed)
+            if bad:
+                report.nonfinite[t.name] = bad
             report.delta_sq += merged.delta_sq
             report.base_sq += merged.base_sq
             report.merged += 1

@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from mergekit_core.engine.compute import EnginePrepareContext, TensorMerger
 from mergekit_core.engine.execute import StreamReport, output_infos, stream_merge
 from mergekit_core.engine.plan import MergePlan, build_plan
 from mergekit_core.errors import MergekitError, UsageError
-from mergekit_core.io.writer import AtomicDirectory, StreamingSafetensorsWriter, copy_model_files, sha256_file
+from mergekit_core.io.destination import AtomicDirectory, check_destination, check_inside_nothing, relation
+from mergekit_core.io.writer import StreamingSafetensorsWriter, copy_model_files, sha256_file
 from mergekit_core.outputs import new_run_dir, write_json
 from mergekit_core.plugins import PluginHost
 
@@ -220,88 +220,123 @@ def run_merge(
     hash_inputs: bool = False,
     values: dict[str, float] | None = None,
     write_bundle: bool = True,
+    force: bool = False,
 ) -> MergeResult:
     """Plan, choose lambdas, stream the merge, and record it.
 
     ``in_memory``: return the merged tensors in ``result.state_dict`` and write no model files.
     ``values``: lambda-policy values to use instead of asking the optimizer (sweeps do this).
+    ``force``: replace a non-empty ``output.path`` that ``mk`` did not write (never an input).
+
+    Raises:
+        UsageError: the output or the run-bundle root would replace or lie inside an input, or
+            the output is a non-empty directory ``mk`` did not write (without ``force``).
     """
     started = time.time()
     bound_allocator()
+    save = spec.output.save and not in_memory
+    replaced = check_outputs(spec, save=save, write_bundle=write_bundle, force=force)
     comps = resolve_components(spec, host)
     plan = build_plan(spec, host, comps.method)
     warnings: list[str] = list(plan.notes)  # tensors a source has but the output cannot hold
     run_dir: Path | None = None
     merger: TensorMerger | None = None
     try:
-        chosen = dict(values) if values is not None else lambda_values(plan, comps, host)
-        merger = TensorMerger(plan, comps.method, comps.params, comps.transforms, comps.policy, chosen,
-                              compute_dtype=spec.compute_dtype, allow_nonfinite=allow_nonfinite,
-                              warn=warnings.append)
-        if comps.method.needs_prepare:
-            merger.state = comps.method.prepare(EnginePrepareContext(merger, host), comps.params)
-        out_path = spec.output.path
-        run_dir = new_run_dir(spec.output_dir, comps.method.name, spec.task_combo) if write_bundle else None
-        save = spec.output.save and not in_memory
-        if save and out_path is None:
-            out_path = run_dir / plan.output_kind if run_dir is not None else None
-        if save and out_path is None:
-            raise UsageError("nowhere to write the merge: give output.path (--out) or keep the run bundle")
-        recipe = {"spec": spec.to_json(), "lambda_values": chosen, "versions": versions(host, comps)}
-        state_dict, report, hashes = _execute(plan, merger, spec, out_path if save else None, recipe, progress)
-        metadata = {
-            "method": comps.method.name,
-            "params": comps.params,
-            "lambda_policy": {"name": comps.policy.name, "params": comps.policy_params},
-            "lambda_values": chosen,
-            "transforms": [{"name": t.name, "params": p} for t, p in comps.transforms],
-            "optimizer": {"name": comps.optimizer.name, "params": comps.optimizer_params},
-            "seed": spec.seed,
-            "spec": spec.to_json(),
-            "config": spec.to_config(),
-            "versions": recipe["versions"],
-            "sources": [{"name": s.name, "path": str(s.spec.path), "format": s.reader.format_name}
-                        for s in plan.sources],
-            "base_model": str(spec.base_model) if spec.base_model else None,
-            "output": {"kind": plan.output_kind, "path": str(out_path) if save else None, "sha256": hashes},
-            "inputs": input_hashes(plan, hash_inputs) if write_bundle else {},
-            "report": report,
-            "warnings": warnings,
-            "wall_time_s": round(time.time() - started, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }
-        if run_dir is not None:
-            write_json(run_dir / "merge_metadata.json", metadata)
-            write_json(run_dir / "summary.json", {
-                "method": comps.method.name, "sources": [s.name for s in plan.sources],
-                "output": metadata["output"]["path"], "output_kind": plan.output_kind,
-                "tensors": {k: report[k] for k in ("merged", "copied", "dropped")},
-                "relative_delta_norm": report.get("relative_delta_norm"),
-                "energy_kept": report.get("energy_kept"), "wall_time_s": metadata["wall_time_s"],
-            })
-        return MergeResult(spec, comps.method.name, comps.params, chosen, plan.output_kind,
-                           out_path if save else None, run_dir, metadata, state_dict, report)
-    except BaseException:
-        if run_dir is not None:  # a failed merge leaves no run behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+        with ExitStack() as stack:
+            chosen = dict(values) if values is not None else lambda_values(plan, comps, host)
+            merger = TensorMerger(plan, comps.method, comps.params, comps.transforms, comps.policy, chosen,
+                                  compute_dtype=spec.compute_dtype, allow_nonfinite=allow_nonfinite,
+                                  warn=warnings.append)
+            if comps.method.needs_prepare:
+                merger.state = comps.method.prepare(EnginePrepareContext(merger, host), comps.params)
+            out_path = write_to = spec.output.path
+            staging: Path | None = None
+            if write_bundle:  # written under a hidden name, published whole when the merge succeeded
+                run_dir = new_run_dir(spec.output_dir, comps.method.name, spec.task_combo)
+                staging = stack.enter_context(AtomicDirectory(run_dir, kind="run_bundle", what="run bundle"))
+            if replaced:
+                warnings.append(f"--force: replaced the {len(replaced)} entries of {out_path} ("
+                                + ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "") + ")")
+            if save and out_path is None:
+                if run_dir is None or staging is None:
+                    raise UsageError("nowhere to write the merge: give output.path (--out) or keep the run bundle")
+                out_path, write_to = run_dir / plan.output_kind, staging / plan.output_kind
+            recipe = {"spec": spec.to_json(), "lambda_values": chosen, "versions": versions(host, comps)}
+            state_dict, report, hashes = _execute(plan, merger, spec, write_to if save else None, recipe, progress,
+                                                  force=force)
+            metadata = {
+                "method": comps.method.name,
+                "params": comps.params,
+                "lambda_policy": {"name": comps.policy.name, "params": comps.policy_params},
+                "lambda_values": chosen,
+                "transforms": [{"name": t.name, "params": p} for t, p in comps.transforms],
+                "optimizer": {"name": comps.optimizer.name, "params": comps.optimizer_params},
+                "seed": spec.seed,
+                "spec": spec.to_json(),
+                "config": spec.to_config(),
+                "versions": recipe["versions"],
+                "sources": [{"name": s.name, "path": str(s.spec.path), "format": s.reader.format_name}
+                            for s in plan.sources],
+                "base_model": str(spec.base_model) if spec.base_model else None,
+                "output": {"kind": plan.output_kind, "path": str(out_path) if save else None, "sha256": hashes},
+                "inputs": input_hashes(plan, hash_inputs) if write_bundle else {},
+                "report": report,
+                "warnings": warnings,
+                "wall_time_s": round(time.time() - started, 3),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+            if staging is not None:
+                write_json(staging / "merge_metadata.json", metadata)
+                write_json(staging / "summary.json", {
+                    "method": comps.method.name, "sources": [s.name for s in plan.sources],
+                    "output": metadata["output"]["path"], "output_kind": plan.output_kind,
+                    "tensors": {k: report[k] for k in ("merged", "copied", "dropped")},
+                    "relative_delta_norm": report.get("relative_delta_norm"),
+                    "energy_kept": report.get("energy_kept"), "wall_time_s": metadata["wall_time_s"],
+                })
+            result = MergeResult(spec, comps.method.name, comps.params, chosen, plan.output_kind,
+                                 out_path if save else None, run_dir, metadata, state_dict, report)
+        return result
     finally:
         if merger is not None:
             merger.close()
         plan.close()
 
 
+def input_paths(spec: MergeSpec) -> list[Path]:
+    """Every file or directory a merge of ``spec`` reads."""
+    return ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
+
+
+def check_outputs(spec: MergeSpec, *, save: bool = True, write_bundle: bool = True,
+                  force: bool = False) -> list[str]:
+    """Check, before anything is read, that the merge's output and run-bundle root replace
+    nothing they should not (:func:`~mergekit_core.io.destination.check_destination`); returns
+    what ``force`` will replace."""
+    inputs = input_paths(spec)
+    if write_bundle:
+        check_inside_nothing(spec.output_dir, inputs, "run-bundle root (output_dir)")
+    if not (save and spec.output.path):
+        return []
+    if write_bundle and relation(spec.output.path, spec.output_dir) in ("is", "contains"):
+        raise UsageError(f"output {spec.output.path} {relation(spec.output.path, spec.output_dir)} the "
+                         f"run-bundle root {spec.output_dir}; replacing it would delete the run records",
+                         hint="choose an output directory outside output_dir (--output-dir)")
+    return check_destination(spec.output.path, inputs=inputs, force=force)
+
+
 def _execute(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,
-             recipe: dict[str, Any], progress: Callable[..., None] | None
+             recipe: dict[str, Any], progress: Callable[..., None] | None, *, force: bool = False
              ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+    inputs = input_paths(spec)
     if plan.output_kind == "adapter":
-        return _execute_adapter(plan, merger, spec, out_path, recipe, progress)
+        return _execute_adapter(plan, merger, spec, out_path, recipe, progress, inputs=inputs, force=force)
     header = {"mergekit_recipe": json.dumps(recipe, default=str, sort_keys=True)}
     if out_path is None:
         state: dict[str, Any] = {}
         report = stream_merge(merger, state.__setitem__, output_infos(merger, spec.output.dtype), progress)
         return state, _report_dict(plan, report), {}
-    with AtomicDirectory(out_path) as tmp:
+    with AtomicDirectory(out_path, inputs=inputs, force=force, kind="model") as tmp:
         planned = output_infos(merger, spec.output.dtype)
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes=spec.output.shard_bytes, metadata=header)
         try:
@@ -312,12 +347,13 @@ def _execute(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: P
         config_dir = spec.base_model if spec.base_model else plan.sources[0].spec.path
         if config_dir.is_dir():
             hashes.update(copy_model_files(config_dir, tmp))
+            hashes.update(plan.finish_model_files(tmp))
     return None, _report_dict(plan, report), hashes
 
 
 def _execute_adapter(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,
-                     recipe: dict[str, Any], progress: Callable[..., None] | None
-                     ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+                     recipe: dict[str, Any], progress: Callable[..., None] | None, *,
+                     inputs: list[Path], force: bool) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
     import torch
 
     from mergekit_core.engine.adapter_output import merge_adapters
@@ -351,13 +387,14 @@ def _execute_adapter(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out
             state[key_a], state[key_b] = m.A, m.B
         state.update(merged.full_tensors)
         return state, report, {}
-    with AtomicDirectory(out_path) as tmp:
+    with AtomicDirectory(out_path, inputs=inputs, force=force, kind="adapter") as tmp:
         hashes = write_lora_adapter(
             tmp, merged.modules, dtype=dtype,
             base_model_name_or_path=first.config.base_model_name_or_path,
             task_type=first.config.task_type, fan_in_fan_out=first.config.fan_in_fan_out,
             full_tensors=merged.full_tensors, modules_to_save=merged.modules_to_save,
             metadata={"mergekit_recipe": json.dumps(recipe, default=str, sort_keys=True)},
+            allow_nonfinite=merger.allow_nonfinite, warn=merger.warn,
         )
     return None, report, hashes
 
@@ -369,6 +406,7 @@ def _report_dict(plan: MergePlan, report: StreamReport) -> dict[str, Any]:
         "dropped": report.dropped,
         "bytes_written": report.bytes_written,
         "relative_delta_norm": report.relative_delta_norm,
+        "nonfinite_written": report.nonfinite,
         "left_out": {t.name: t.reason for t in plan.tensors if t.action == "drop"},
         "copied_why": _count_reasons(plan, "copy"),
         "notes": plan.notes,

@@ -13,6 +13,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from mergekit_core.errors import FormatError
 from mergekit_core.outputs import write_json
 
 
@@ -20,7 +21,14 @@ def read_index(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, list):
+        raise FormatError(f"{path}: the evaluation index is not a JSON list (changed by hand?)",
+                          hint="restore it from a backup, or move it away to start a new index")
+    return data
 
 
 def append_index(path: Path, entries: Iterable[dict[str, Any]]) -> None:

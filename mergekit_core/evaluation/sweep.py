@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core.config import MergeConfig, MergeSpec
-from mergekit_core.engine.run import resolve_components, run_merge
+from mergekit_core.engine.run import input_paths, resolve_components, run_merge
 from mergekit_core.errors import ConfigError
+from mergekit_core.io.destination import check_inside_nothing
 from mergekit_core.evaluation.evaluate import EvalSetup, evaluate_result, setup_from_spec
 from mergekit_core.outputs import combo_dir, write_json
 from mergekit_core.plugins import PluginHost
@@ -137,9 +139,14 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
 def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
               progress: Callable[..., None] | None = None, evaluator: str | None = None) -> dict[str, Any]:
     plan = plan_sweep(config, host, evaluator=evaluator)
+    check_inside_nothing(plan.spec.output_dir, input_paths(plan.spec), "run-bundle root (output_dir)")
     plan.journal.parent.mkdir(parents=True, exist_ok=True)
-    if not resume and plan.journal.exists():
-        plan.journal.unlink()
+    set_aside = None
+    if not resume and plan.journal.exists():  # a fresh start keeps the old journal's results
+        stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
+        set_aside = plan.journal.with_name(f"{plan.journal.stem}.before_{stamp}.jsonl")
+        os.replace(plan.journal, set_aside)
+    repair_journal(plan.journal)
     done = {_key(r["point"]): r for r in read_journal(plan.journal)}
     search = plan.strategy.start(plan.space, plan.strategy_params, plan.seed)
     records: list[dict[str, Any]] = []
@@ -169,6 +176,7 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
         "ranking": "max-min interference delta (the worst task's merged minus own metric)",
         "points": records, "best": _best(records), "wall_time_s": round(time.time() - started, 2),
         "journal": str(plan.journal),
+        "previous_journal": str(set_aside) if set_aside else None,
     }
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
     path = plan.journal.parent / f"sweep_{stamp}.json"
@@ -198,10 +206,23 @@ def _evaluate_point(plan: SweepPlan, host: PluginHost, point: dict[str, Any]) ->
             "eval_s": round(time.time() - t1, 3)}
 
 
+def repair_journal(path: Path) -> None:
+    """Cut a partial last line (a write that a crash interrupted), so the next record starts on a
+    line of its own; every complete record is kept."""
+    if not path.is_file():
+        return
+    with path.open("rb+") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _append(path: Path, record: dict[str, Any]) -> None:
+    """One record, one line, on disk before the sweep moves on (``--resume`` relies on it)."""
     with path.open("a") as f:
         f.write(json.dumps(record, default=str) + "\n")
         f.flush()
+        os.fsync(f.fileno())
 
 
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergekit_core.io.dtypes import check_finite
 from mergekit_core.io.peft_reader import CONFIG_FILE, PREFIX
 from mergekit_core.io.writer import save_tensors, sha256_file
 
@@ -56,23 +57,34 @@ def write_lora_adapter(
     full_tensors: dict[str, torch.Tensor] | None = None,
     modules_to_save: Sequence[str] = (),
     metadata: dict[str, str] | None = None,
+    allow_nonfinite: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json``; returns file -> sha256.
 
     ``full_tensors`` (relative names such as ``lm_head.weight``) are saved as replacements,
     together with ``modules_to_save``.
+
+    Raises:
+        MergeError: a factor or tensor holds NaN or Inf once cast to ``dtype`` (unless
+            ``allow_nonfinite``: then ``warn`` is told).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ranks = [m.rank for m in modules]
     r = max(ranks) if ranks else 1
     tensors: dict[str, torch.Tensor] = {}
+    def cast(key: str, t: torch.Tensor) -> torch.Tensor:
+        out = t.to(dtype) if t.is_floating_point() else t
+        check_finite(key, out, allow=allow_nonfinite, warn=warn, computed=t)
+        return out
+
     for m in modules:
         key_a, key_b = lora_keys(m.module, m.layer_type)
-        tensors[key_a] = m.A.to(dtype)
-        tensors[key_b] = m.B.to(dtype)
+        tensors[key_a] = cast(key_a, m.A)
+        tensors[key_b] = cast(key_b, m.B)
     for name, t in (full_tensors or {}).items():
-        tensors[f"{PREFIX}{name}"] = t.to(dtype) if t.is_floating_point() else t
+        tensors[f"{PREFIX}{name}"] = cast(name, t)
     pattern = {re.escape(m.module): m.rank for m in modules if m.rank != r}
     config: dict[str, Any] = {
         "peft_type": "LORA",

@@ -5,8 +5,9 @@ shard's header is written first and its tensors are streamed after it, one at a 
 planned order. Peak memory is one tensor, whatever the shard size. Files are hashed (sha256) as
 they are written.
 
-:class:`AtomicDirectory` writes into a temporary directory beside the destination and renames it
-into place at the end; on failure the destination is left as it was.
+:class:`~mergekit_core.io.destination.AtomicDirectory` (re-exported here) writes into a temporary
+directory beside the destination and swaps it into place at the end; on failure the destination
+is left as it was.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from mergekit_core.errors import FormatError, MergekitError
+from mergekit_core.io.destination import AtomicDirectory, default_mode  # noqa: F401  (re-exported)
 from mergekit_core.io.safetensors_header import TensorInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,38 +42,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-class AtomicDirectory:
-    """``with AtomicDirectory(dest) as tmp:`` write into ``tmp``; it becomes ``dest`` on success."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = Path(dest)
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
-            os.rename(self.dest, old)
-        try:
-            os.rename(self.tmp, self.dest)
-        except OSError:
-            if old is not None:
-                os.rename(old, self.dest)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _header_bytes(infos: Sequence[TensorInfo], metadata: dict[str, str] | None) -> bytes:
@@ -237,6 +206,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        os.chmod(path, default_mode())
     except (OSError, ValueError) as exc:
         raise FormatError(f"{path}: cannot write ({exc})") from None
     return sha256_file(path)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mergekit_core.io.destination import AtomicDirectory
 from mk_digits.data import TASKS, num_classes, task_data
 from mk_digits.model import Backbone, head_logits, make_head
 
@@ -155,16 +156,19 @@ def build_pool(out: Path, settings: BuildSettings | None = None,
         meta = json.loads(meta_path.read_text())
         if meta.get("settings") == asdict(settings):
             return meta
+    # a pool of other settings (pool.json) is rebuilt in its place; any other folder is refused
+    with AtomicDirectory(out, force=meta_path.is_file(), kind="digits_pool", what="pool directory") as tmp:
+        _build_into(tmp, settings, log)
+    return json.loads(meta_path.read_text())
+
+
+def _build_into(tmp: Path, settings: BuildSettings, log: Callable[[str], None]) -> None:
     started = time.time()
     torch.manual_seed(settings.seed)
     base = pretrain(settings)
     base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
     log(f"pretrained the backbone in {time.time() - started:.1f} s")
     heads = heads_for(base, settings)
-    tmp = out.with_name(out.name + ".building")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
     _save_model(tmp / "base", base_state)
     (tmp / "heads").mkdir(parents=True)
     meta = {"settings": asdict(settings), "tasks": {}, "model_config": MODEL_CONFIG}
@@ -197,9 +201,6 @@ def build_pool(out: Path, settings: BuildSettings | None = None,
             f"LoRA r={settings.lora_rank} {meta['tasks'][task]['lora_test_accuracy']:.3f}")
     meta["build_seconds"] = round(time.time() - started, 1)
     (tmp / "pool.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return meta
 
 
 def load_heads(pool: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -96,7 +96,9 @@ def make_app(host: PluginHost) -> typer.Typer:
     def compress_cmd(
         inputs: list[str] = typer.Argument(None, help="A merge config (YAML; method_params configure SVD-Hybrid) "
                                                      "and/or source paths.", show_default=False),
-        out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+        out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write (new, empty, or a previous "
+                                 "output of mk)."),
+        force: bool = typer.Option(False, "--force", help="Replace --out even if mk did not write it (never an input)."),
         sources: list[str] = typer.Option(None, "--sources", "-s", help="Fine-tuned models or adapters."),
         base: str = typer.Option(None, "--base", help="Base model the task vectors are taken from."),
         param: list[str] = typer.Option(None, "--param", "-p",
@@ -111,11 +113,10 @@ def make_app(host: PluginHost) -> typer.Typer:
 
         Example: mk svd-hybrid compress --base pool/base pool/task_a pool/task_b --out artifact/
         """
-        from mergekit_core.engine import prepare_context
-        from mergekit_core.io.writer import AtomicDirectory
-        from mk_svd_hybrid.pipeline import compress
-
         from mergekit_core.config import parse_key_values
+        from mergekit_core.engine import prepare_context
+        from mergekit_core.io.destination import AtomicDirectory, check_destination
+        from mk_svd_hybrid.pipeline import compress
 
         params = parse_key_values(list(param or []))
         for key, value in (("weighting", weighting), ("energy", energy)):
@@ -127,11 +128,15 @@ def make_app(host: PluginHost) -> typer.Typer:
             raise UsageError(f"give one config file, got {len(configs)}")
         paths = list(sources or []) + [p for p in inputs if not p.endswith((".yaml", ".yml"))]
         spec = _spec(configs[0] if configs else None, paths, base, params)
+        inputs = ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
+        check_destination(out, inputs=inputs, force=force, what="artifact directory")
         with prepare_context(spec, host) as (context, comps):
             total = len(context.plan.by_action("merge"))
             if comps.params["artifact_dir"]:
                 raise UsageError("give the artifact directory with --out, not artifact_dir")
-            with _Bar("compressing", total, _show(quiet, as_json)) as bar, AtomicDirectory(out) as tmp:
+            with (_Bar("compressing", total, _show(quiet, as_json)) as bar,
+                  AtomicDirectory(out, inputs=inputs, force=force, kind="svd_hybrid_artifact",
+                                  what="artifact directory") as tmp):
                 manifest = compress(context, comps.params, tmp, progress=bar)
         diag = json.loads((out / "diagnostics.json").read_text())
         if as_json:
@@ -145,7 +150,9 @@ def make_app(host: PluginHost) -> typer.Typer:
     def reconstruct_cmd(
         artifact: Path = typer.Argument(..., help="Artifact directory made by 'compress' (or a merge's artifact_dir)."),
         base: Path = typer.Option(..., "--base", help="The base model the artifact was made from."),
-        out: Path = typer.Option(..., "--out", "-o", help="Model directory to write."),
+        out: Path = typer.Option(..., "--out", "-o", help="Model directory to write (new, empty, or a previous "
+                                 "output of mk)."),
+        force: bool = typer.Option(False, "--force", help="Replace --out even if mk did not write it (never an input)."),
         task: str = typer.Option(None, "--task", help="Rebuild this task's own model instead of the merge."),
         lam: float = typer.Option(None, "--lambda", help="Merge scale instead of the recorded coefficients."),
         dtype: str = typer.Option(None, "--dtype", help="Output dtype of rebuilt tensors: fp32, fp16, bf16."),
@@ -156,7 +163,8 @@ def make_app(host: PluginHost) -> typer.Typer:
         from mk_svd_hybrid.rebuild import reconstruct
 
         with _Bar("rebuilding", 0, _show(quiet, as_json)) as bar:
-            result = reconstruct(artifact, base, out, host, task=task, lam=lam, dtype=dtype, progress=bar)
+            result = reconstruct(artifact, base, out, host, task=task, lam=lam, dtype=dtype, progress=bar,
+                                 force=force)
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         elif not quiet:
@@ -172,8 +180,12 @@ def make_app(host: PluginHost) -> typer.Typer:
         as_json: bool = typer.Option(False, "--json", help="Print the diagnostics as JSON."),
     ) -> None:
         """Check an artifact (sha256 of every file) and show its reconstruction errors and sizes."""
+        from mergekit_core.io.destination import relation
         from mk_svd_hybrid.store import ArtifactReader
 
+        if write is not None and relation(write, artifact) in ("is", "lies inside", "contains"):
+            raise UsageError(f"--write {write} {relation(write, artifact)} the artifact {artifact}; writing it "
+                             "would change the artifact", hint="write the diagnostics outside the artifact")
         reader = ArtifactReader(artifact)
         diag = reader.json_file("diagnostics.json")
         diag["verified"] = True

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core import FormatError, PluginHost, UsageError
-from mergekit_core.io.dtypes import is_float, safetensors_code, torch_dtype
+from mergekit_core.io.dtypes import check_finite, is_float, parse_user_dtype, safetensors_code, torch_dtype
 from mergekit_core.io.formats import open_checkpoint
 from mergekit_core.io.safetensors_header import TensorInfo
-from mergekit_core.io.writer import AtomicDirectory, StreamingSafetensorsWriter, copy_model_files
+from mergekit_core.io.destination import AtomicDirectory, check_destination
+from mergekit_core.io.writer import StreamingSafetensorsWriter, copy_model_files
 from mk_svd_hybrid.pipeline import merged_delta
 from mk_svd_hybrid.store import ArtifactReader, tensor_sha256
 
@@ -46,12 +47,16 @@ def task_index(reader: ArtifactReader, task: str) -> int:
 
 def reconstruct(artifact: Path | str, base_model: Path | str, out: Path | str, host: PluginHost, *,
                 task: str | None = None, lam: float | None = None, dtype: str | None = None,
-                shard_bytes: int = 5 * 2**30, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                shard_bytes: int = 5 * 2**30, progress: Callable[[str], None] | None = None,
+                force: bool = False) -> dict[str, Any]:
     """Write base + rebuilt delta for every tensor; returns a summary (output path, sha256 of files).
 
     The merged delta uses the coefficients recorded at compression (the lambda policy's values)
-    unless ``lam`` is given; ``task`` rebuilds that task's own model instead.
+    unless ``lam`` is given; ``task`` rebuilds that task's own model instead. ``out`` follows the
+    rules of :func:`mergekit_core.io.destination.check_destination` (``force`` as there).
     """
+    inputs = [Path(artifact), Path(base_model)]
+    check_destination(out, inputs=inputs, force=force)
     reader = ArtifactReader(artifact)
     base = open_checkpoint(base_model, host)
     try:
@@ -63,17 +68,19 @@ def reconstruct(artifact: Path | str, base_model: Path | str, out: Path | str, h
         for name, info in infos.items():
             code = info.dtype
             if dtype and is_float(code) and name in coded:
-                code = safetensors_code(torch_dtype(dtype))
+                code = safetensors_code(torch_dtype(parse_user_dtype(dtype, "--dtype")))
             out_infos.append(TensorInfo(name, info.shape, code))
         recipe = {"svd_hybrid_artifact": str(Path(artifact).resolve()), "task": task, "lambda": lam}
-        with AtomicDirectory(Path(out)) as tmp:
+        with AtomicDirectory(Path(out), inputs=inputs, force=force, kind="model") as tmp:
             writer = StreamingSafetensorsWriter(tmp, out_infos, max_shard_bytes=shard_bytes,
                                                 metadata={"mergekit_recipe": json.dumps(recipe)})
             try:
                 for info in out_infos:
                     x = base.get(info.name)
                     if info.name in coded:
-                        x = _rebuilt(reader, info.name, x, target, lam).to(torch_dtype(info.dtype))
+                        rebuilt = _rebuilt(reader, info.name, x, target, lam)
+                        x = rebuilt.to(torch_dtype(info.dtype))
+                        check_finite(info.name, x, computed=rebuilt)
                     writer.write(info.name, x)
                     if progress is not None:
                         progress(info.name)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core import PrepareContext
-from mergekit_core.io.writer import AtomicDirectory
+from mergekit_core.io.destination import AtomicDirectory
 from mk_svd_hybrid.pipeline import compress
 from mk_svd_hybrid.store import ArtifactReader
 
@@ -23,7 +23,9 @@ class ArtifactSession:
 def open_artifact_session(context: PrepareContext, params: dict[str, Any]) -> ArtifactSession:
     if params["artifact_dir"]:
         dest = Path(params["artifact_dir"])
-        with AtomicDirectory(dest) as tmp:
+        spec = context.plan.spec
+        inputs = ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
+        with AtomicDirectory(dest, inputs=inputs, kind="svd_hybrid_artifact", what="artifact_dir") as tmp:
             compress(context, params, tmp)
         return ArtifactSession(ArtifactReader(dest, verify=False))  # just written and hashed
     temporary = tempfile.TemporaryDirectory(prefix="mk-svd-hybrid-")
