@@ -318,6 +318,7 @@ def check_outputs(spec: MergeSpec, *, save: bool = True, write_bundle: bool = Tr
         check_inside_nothing(spec.output_dir, inputs, "run-bundle root (output_dir)")
     if not (save and spec.output.path):
         return []
+    check_destination(spec.output.path, inputs=inputs, force=True)  # inputs and files first: never forceable
     if write_bundle and relation(spec.output.path, spec.output_dir) in ("is", "contains"):
         raise UsageError(f"output {spec.output.path} {relation(spec.output.path, spec.output_dir)} the "
                          f"run-bundle root {spec.output_dir}; replacing it would delete the run records",

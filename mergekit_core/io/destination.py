@@ -36,6 +36,8 @@ from mergekit_core.errors import UsageError
 MARKER = ".mergekit-output.json"
 """Written into every output directory: what wrote it and which files it holds."""
 
+_TEMPORARY = re.compile(r"^\..+\.mk-(?:tmp|old)-(\d+)-[0-9a-f]+$")
+"""Names of :class:`AtomicDirectory` temporaries: ``.<dest>.mk-tmp-<pid>-<hex>``."""
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -237,14 +239,14 @@ class AtomicDirectory:
         return self.dest.with_name(f".{self.dest.name}.mk-{role}-{os.getpid()}-{secrets.token_hex(3)}")
 
     def _remove_stale(self) -> None:
-        pattern = re.compile(rf"^\.{re.escape(self.dest.name)}\.mk-(tmp|old)-(\d+)-[0-9a-f]+$")
+        """Remove the temporaries that killed ``mk`` processes left beside the destination."""
         try:
             siblings = list(self.dest.parent.iterdir())
         except OSError:
             return
         for p in siblings:
-            m = pattern.match(p.name)
-            if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            m = _TEMPORARY.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
                 shutil.rmtree(p, ignore_errors=True)
 
     def __enter__(self) -> Path:
