@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +24,16 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 def read_json(path: Path, what: str) -> Any:
+    """The parsed JSON of ``path``; FormatError naming the file when missing, unreadable or not JSON."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FormatError(f"{path}: {what} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: {what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what} is not valid JSON (nested too deeply)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, integers too long
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FormatError(f"{path}: {what} is not valid JSON ({first})") from None
 
 
 def read_shard_index(directory: Path, name: str) -> tuple[dict[str, str], list[Path]]:
@@ -38,6 +43,10 @@ def read_shard_index(directory: Path, name: str) -> tuple[dict[str, str], list[P
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise FormatError(f"{index_path}: has no 'weight_map' object")
+    bad = [v for v in weight_map.values() if not isinstance(v, str) or not v]
+    if bad:
+        raise FormatError(f"{index_path}: 'weight_map' must map tensor names to shard file names, "
+                          f"got {reprlib.repr(bad[0])}")
     shards = []
     for shard in sorted(set(weight_map.values())):
         if not (directory / shard).is_file():
@@ -47,8 +56,14 @@ def read_shard_index(directory: Path, name: str) -> tuple[dict[str, str], list[P
 
 
 def read_model_config(directory: Path) -> dict[str, Any] | None:
+    """``config.json`` of a model directory (a JSON object), or None when there is none."""
     path = Path(directory) / "config.json"
-    return read_json(path, "config.json") if path.is_file() else None
+    if not path.is_file():
+        return None
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: config.json must be a JSON object, got {type(config).__name__}")
+    return config
 
 
 class CheckpointReader:
@@ -173,7 +188,11 @@ class SafetensorsReader(CheckpointReader):
                 got += n
         except OSError as exc:
             raise FormatError(f"{header.path}: cannot read tensor {name!r} ({exc})") from None
-        return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+        try:
+            return buf.view(torch_dtype(info.dtype)).reshape(info.shape)
+        except (RuntimeError, ValueError) as exc:  # e.g. more dimensions than torch allows
+            raise FormatError(f"{header.path}: cannot load tensor {name!r} of shape {list(info.shape)} "
+                              f"{info.dtype} ({str(exc).splitlines()[0]})") from None
 
     def close(self) -> None:
         for fd in self._handles.values():

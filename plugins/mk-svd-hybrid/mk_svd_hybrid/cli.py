@@ -68,8 +68,13 @@ def _overall_table(diag: dict[str, Any], worst: int) -> None:
     for col in ("tensors", "ratio", "vs fp32", "bits/entry/task", "rel. error",
                 "compress s", "rebuild s"):
         table.add_column(col, justify="right")
-    table.add_row(str(o["tensors"]), f"{o['compression_ratio']:.2f}x", f"{o['compression_ratio_vs_fp32']:.2f}x",
-                  f"{o['bits_per_entry_per_task']:.2f}", f"{o['mean_relative_error']:.4f}",
+
+    def num(x: float | None, spec: str) -> str:  # None: nothing stored (only empty tensors)
+        return "-" if x is None else format(x, spec)
+
+    table.add_row(str(o["tensors"]), num(o["compression_ratio"], ".2f") + "x",
+                  num(o["compression_ratio_vs_fp32"], ".2f") + "x",
+                  num(o["bits_per_entry_per_task"], ".2f"), f"{o['mean_relative_error']:.4f}",
                   f"{o['compress_s']:.2f}", f"{o['reconstruct_s']:.2f}")
     console.print(table)
     rows = sorted(diag["tensors"].items(), key=lambda kv: -kv[1]["mean_relative_error"])[:worst]

@@ -116,7 +116,12 @@ def matrix_view(shape: Sequence[int]) -> tuple[int, int, bool]:
 
 
 def _as_matrix(x: torch.Tensor, transposed: bool) -> torch.Tensor:
-    x2 = x.reshape(x.shape[0], -1)
+    """The [rows, cols] view of ``x`` ([d0, ...] as [d0, prod(...)]); explicit sizes, so that a
+    tensor with a zero dimension has a definite view (``reshape(d0, -1)`` is ambiguous there)."""
+    inner = 1
+    for d in x.shape[1:]:
+        inner *= d
+    x2 = x.reshape(x.shape[0], inner)
     return x2.T if transposed else x2
 
 
@@ -141,7 +146,7 @@ def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torc
         signal = _as_matrix(combined, transposed)
     else:
         signal = None
-    record.meta["signal_fraction"] = 1.0 if signal is None else float(signal.float().mean())
+    record.meta["signal_fraction"] = 1.0 if signal is None or not signal.numel() else float(signal.float().mean())
     mats = [_as_matrix(d.float(), transposed) for d in deltas]
     signals = [m * signal if signal is not None else m for m in mats]
     clusters = s.clusters or (tuple(range(len(deltas))),)

@@ -21,8 +21,8 @@ class TaskVectorQuantization(Transform):
     def apply(self, name: str, delta: Any, params: dict[str, Any], rng: Any) -> Any:
         from mk_svd_hybrid.quantize import dequantize_stages, residual_quantize
 
-        view = delta.reshape(1, -1) if params["granularity"] == "tensor" or delta.dim() < 2 else \
-            delta.reshape(delta.shape[0], -1)
+        rows = 1 if params["granularity"] == "tensor" or delta.dim() < 2 else delta.shape[0]
+        view = delta.reshape(rows, delta.numel() // rows if rows else 0)
         out = dequantize_stages(residual_quantize(view, params["bits"], params["stages"]))
         return out.reshape(delta.shape).to(delta.dtype)
 
