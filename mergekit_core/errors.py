@@ -54,3 +54,7 @@ class FormatError(MergekitError):
 
 class MergeError(MergekitError):
     """A merge cannot proceed: shapes, missing tensors, non-finite values."""
+
+
+class MkDeprecationWarning(DeprecationWarning):
+    """A deprecated config key or option; ``mk`` prints each as one ``warning:`` line."""

@@ -249,3 +249,30 @@ def test_an_optimizer_can_build_and_score_merges(tmp_path, models):
     torch.testing.assert_close(seen[1][1], tensors["ft1"][TENSOR])
     assert seen[1][2]["ft1"] == pytest.approx(0.0, abs=1e-5) and seen[0][2]["ft1"] < 0
     torch.testing.assert_close(result.state_dict[TENSOR], tensors["ft1"][TENSOR])
+
+
+def test_merge_eval_uses_the_config_split_unless_the_flag_is_given(tmp_path, models):
+    import yaml
+
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump({**config(tmp_path, models, method="task_arithmetic").data,
+                                    "split": "validation"}))
+    args = ["merge", str(path), "--eval-tasks", "ft1", "--json"]
+    from_config = run_mk([*args, "--out", str(tmp_path / "a")], host=HOST)
+    assert from_config.exit_code == 0, from_config.stderr
+    assert json.loads(from_config.stdout)["evaluation"]["split"] == "validation"
+    from_flag = run_mk([*args, "--out", str(tmp_path / "b"), "--split", "test"], host=HOST)
+    assert json.loads(from_flag.stdout)["evaluation"]["split"] == "test"
+
+
+def test_a_legacy_config_key_prints_one_warning_line(tmp_path, models):
+    import yaml
+
+    data = config(tmp_path, models, method="task_arithmetic").data
+    path = tmp_path / "legacy.yaml"
+    path.write_text(yaml.safe_dump({**data, "lambda": 0.3}))
+    result = run_mk(["merge", str(path), "--dry-run", "--lambda", "0.2"], host=HOST)  # the config is read twice
+    assert result.exit_code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "deprecated" in line]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "use method_params.lambda" in lines[0]
+    assert "DeprecationWarning" not in result.stderr

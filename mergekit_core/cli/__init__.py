@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import typer
 
-from mergekit_core.errors import MergekitError
+from mergekit_core.errors import MergekitError, MkDeprecationWarning
 from mergekit_core.plugins import PluginHost
 
 HELP = (
@@ -70,13 +71,32 @@ def report_error(error: MergekitError) -> None:
         console.print(f"[yellow]hint:[/] {escape(error.hint)}")
 
 
+_default_showwarning = warnings.showwarning
+_shown: set[str] = set()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """Deprecations as one ``warning:`` line on stderr; other warnings as Python shows them."""
+    if issubclass(category, MkDeprecationWarning):
+        if str(message) not in _shown:  # a config read twice warns once
+            _shown.add(str(message))
+            print(f"warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
 def main(argv: Sequence[str] | None = None, host: PluginHost | None = None) -> None:
     """Console-script entry point; always ends with SystemExit."""
     debug = os.environ.get("MK_DEBUG", "") not in ("", "0")
     try:
-        host = host if host is not None else PluginHost()
-        app = build_app(host)
-        app(args=list(argv) if argv is not None else None, prog_name="mk")
+        _shown.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", MkDeprecationWarning)
+            warnings.showwarning = _show_warning
+            host = host if host is not None else PluginHost()
+            app = build_app(host)
+            app(args=list(argv) if argv is not None else None, prog_name="mk")
     except MergekitError as error:
         if debug:
             raise

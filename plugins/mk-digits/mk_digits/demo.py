@@ -61,7 +61,12 @@ def run_benchmark(out: Path, host: PluginHost, quick: bool = False, log: Any = p
             log(f"skipping {method.name}: it merges at most {method.max_sources} sources")
             continue
         started = time.time()
-        accs = _merge_and_score(host, setup, {**base, "method": method.name})
+        try:
+            accs = _merge_and_score(host, setup, {**base, "method": method.name})
+        except MergekitError as exc:  # a broken third-party method is a row, not the end of the run
+            log(f"{method.name} failed: {exc.message}")
+            rows.append({"method": method.name, "error": exc.message, "note": "failed"})
+            continue
         rows.append(_row(method.name, accs, ceiling, f"defaults, {time.time() - started:.1f} s"))
     sweep_cfg = MergeConfig.from_dict({
         **base, "method": "task_arithmetic", "evaluator": "digits", "evaluator_params": {"pool": str(pool)},
@@ -86,7 +91,7 @@ def write_outputs(report: dict[str, Any], directory: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return written
-    rows = report["rows"]
+    rows = [r for r in report["rows"] if "error" not in r]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
     ax.barh([r["method"] for r in rows][::-1], [100 * r["mean_accuracy"] for r in rows][::-1], color="#4c72b0")
     ax.set_xlabel("mean test accuracy over 8 tasks (%)")
@@ -106,6 +111,9 @@ def print_table(report: dict[str, Any]) -> None:
     for col in ("method", "mean acc", "normalized", "worst task"):
         table.add_column(col)
     for r in report["rows"]:
+        if "error" in r:
+            table.add_row(r["method"], "-", "-", f"failed: {r['error']}")
+            continue
         table.add_row(r["method"], f"{100 * r['mean_accuracy']:.1f}", f"{100 * r['mean_normalized']:.1f}",
                       f"{r['worst_task']} {100 * r['worst_accuracy']:.1f}")
     Console().print(table)

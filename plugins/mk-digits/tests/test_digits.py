@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
 
+from mergekit_core import MergeMethod, hookimpl
 from mergekit_core.config import MergeConfig
 from mergekit_core.engine import run_merge
 from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
@@ -115,10 +117,28 @@ def test_ready_sweep_config_runs(pool, tmp_path):
     assert all(r["metrics"] for r in result["points"])
 
 
+class ListMethod(MergeMethod):
+    """A third-party method that breaks the contract: it returns a list."""
+
+    name = "returns_a_list"
+    description = "broken on purpose"
+
+    def merge(self, group, params, state=None):
+        return [x.tolist() for x in group.tensors]
+
+
+broken_plugin = types.ModuleType("broken_plugin")
+broken_plugin.mk_merge_methods = hookimpl(lambda: [ListMethod()])
+broken_plugin.mk_merge_methods.__name__ = "mk_merge_methods"
+
+
 def test_demo_table(tmp_path):
     from mk_digits.demo import print_table, run_benchmark, write_outputs
 
-    report = run_benchmark(tmp_path, HOST, quick=True, log=lambda m: None)
+    host = fresh_host({"broken": broken_plugin}, entry_points=True)
+    report = run_benchmark(tmp_path, host, quick=True, log=lambda m: None)
+    failed = next(r for r in report["rows"] if r["method"] == "returns_a_list")
+    assert "returned a list for tensor" in failed["error"] and "not a torch.Tensor" in failed["error"]
     names = [r["method"] for r in report["rows"]]
     assert names[0].startswith("zero-shot") and names[1].startswith("fine-tuned")
     assert "uniform" in names and "ties" in names and any("sweep" in n for n in names)
