@@ -276,3 +276,24 @@ def test_a_legacy_config_key_prints_one_warning_line(tmp_path, models):
     lines = [line for line in result.stderr.splitlines() if "deprecated" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "use method_params.lambda" in lines[0]
     assert "DeprecationWarning" not in result.stderr
+
+
+def test_sweep_prints_the_ranked_table_and_evaluate_says_where_results_went(tmp_path, models):
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config(tmp_path, models, method="task_arithmetic",
+                                          search={"type": "grid", "grid": {"lambda": [0.1, 0.5, 0.9]}}).data))
+    result = run_mk(["sweep", str(path)], host=HOST)
+    assert result.exit_code == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if "lambda=" in line]
+    assert len(rows) == 3 and "rank" in result.stdout
+    scores = [float(r.split("│")[3]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and len({r.split("lambda=")[1].split()[0] for r in rows}) == 3
+    merged = run_mk(["merge", str(path), "--lambda", "0.3", "--out", str(tmp_path / "m"), "--json"], host=HOST)
+    run_dir = json.loads(merged.stdout)["run_dir"]
+    shown = run_mk(["evaluate", run_dir, "--tasks", "ft1"], host=HOST)
+    assert shown.exit_code == 0, shown.stderr
+    lines = {line.split(": ")[0]: line.split(": ", 1)[1] for line in shown.stdout.splitlines() if ": " in line}
+    assert Path(lines["results"]).is_file() and Path(lines["index"]).is_file()
+    assert Path(lines["in the run bundle"]).is_file()

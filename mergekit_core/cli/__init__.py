@@ -58,7 +58,28 @@ def build_app(host: PluginHost) -> typer.Typer:
     evaluate_cmd.register(app, host)
     app.add_typer(plugins_cmd.make_app(host), name="plugins")
     host.register_commands(app)
+    _plain_flags()
     return app
+
+
+def _plain_flags() -> None:
+    """Show on/off flags (``--json``, ``--force``, ``--help``) without a ``<bool>`` type in
+    ``--help``, so they do not look like options that take a value (typer 0.2x prints one)."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # another typer layout: its own help stays as it is
+        return
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_mk_plain_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich._mk_plain_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
 
 
 def report_error(error: MergekitError) -> None:

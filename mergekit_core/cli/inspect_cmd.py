@@ -86,7 +86,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                         console.print(f"  {k}: {escape(str(v))}")
         rows = info["tensor_list"] if show_all else info["tensor_list"][:20]
         table = Table()
-        table.add_column("tensor")
+        table.add_column("tensor", overflow="fold")
         table.add_column("shape")
         table.add_column("dtype")
         for t in rows:

@@ -177,6 +177,11 @@ def evaluate_merge(setup: EvalSetup, host: PluginHost, model: Any, *, method: st
         "run_dir": str(run_dir) if run_dir else None,
         "metrics": {t: e["value"] for t, e in per_task.items()},
         "interference_delta": {t: e["interference_delta"] for t, e in per_task.items()}}])
+    result["written"] = {
+        "run_bundle": str(run_dir / f"eval_results_{setup.split}{suffix}.json") if run_dir is not None else None,
+        "results": str(eval_dir / f"eval_results_{safe_name(tag)}_{setup.split}{suffix}.json"),
+        "index": str(index_path),
+    }
     return result
 
 

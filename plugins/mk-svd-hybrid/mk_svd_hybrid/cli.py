@@ -81,7 +81,7 @@ def _overall_table(diag: dict[str, Any], worst: int) -> None:
     if rows:
         t = Table(title=f"largest reconstruction errors (top {len(rows)})")
         for col in ("tensor", "shape", "rank", "energy kept", "signal", "rel. error", "ratio"):
-            t.add_column(col, justify="left" if col == "tensor" else "right")
+            t.add_column(col, justify="left" if col == "tensor" else "right", overflow="fold")
         for name, e in rows:
             rank = ",".join(map(str, e.get("rank", []))) or "-"
             energy = ",".join(f"{x:.3f}" for x in e.get("energy_kept", [])) or "-"
