@@ -84,14 +84,22 @@ def _group(num_sources: int, shape: tuple[int, ...], seed: int, coefficient: flo
     )
 
 
-def check_merge_method(method: MergeMethod, params: Mapping[str, Any] | None = None) -> None:
+def check_merge_method(method: MergeMethod, params: Mapping[str, Any] | None = None, *,
+                       follows_coefficients: bool | None = None) -> None:
     """Assert the merge-method contract on small random tensors.
 
     Declares a name, a description and sane source bounds; resolves its parameters; returns a
     tensor of the input shape and float dtype; leaves its inputs untouched; is deterministic;
-    and, when it declares itself linear, equals ``sum(c_t * x_t)`` for its coefficients.
+    when it declares itself linear, equals ``sum(c_t * x_t)`` for its coefficients; and, when
+    ``follows_coefficients`` (the default for ``delta``-space methods), its result changes when
+    one source's ``group.coefficients`` entry (its lambda) changes: a method that ignores them
+    silently ignores every lambda policy. Pass ``follows_coefficients=False`` for a method that
+    ignores lambda by definition (a plain mean).
     """
     import torch
+
+    if follows_coefficients is None:
+        follows_coefficients = method.space == "delta"
 
     assert method.name and method.description, "a method needs a name and a description"
     assert method.space in ("delta", "weights"), f"space must be delta or weights, not {method.space!r}"
@@ -121,3 +129,9 @@ def check_merge_method(method: MergeMethod, params: Mapping[str, Any] | None = N
             assert len(coefficients) == n
             expected = sum(c * t for c, t in zip(coefficients, fresh.tensors))
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        if follows_coefficients:
+            changed = _group(n, shape, seed=0)
+            changed.coefficients[0] *= 2.0
+            assert not torch.equal(method.merge(changed, resolved, state), out), (
+                f"{method.name}: merge ignores group.coefficients (the lambda of each source); use them, "
+                "or pass follows_coefficients=False if the method ignores lambda by definition")

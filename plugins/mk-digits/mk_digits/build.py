@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mergekit_core.io.destination import AtomicDirectory
+from mergekit_core.api import AtomicDirectory
 from mk_digits.data import TASKS, num_classes, task_data
 from mk_digits.model import Backbone, head_logits, make_head
 

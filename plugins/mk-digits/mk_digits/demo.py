@@ -15,13 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mergekit_core.config import MergeConfig
-from mergekit_core.engine import run_merge
-from mergekit_core.errors import MergekitError
-from mergekit_core.evaluation.evaluate import evaluate_result, make_setup
-from mergekit_core.evaluation.sweep import run_sweep
-from mergekit_core.outputs import write_json
-from mergekit_core.plugins import PluginHost
+from mergekit_core import MergekitError, PluginHost
+from mergekit_core.api import MergeConfig, evaluate_result, make_setup, run_merge, run_sweep, write_json
 from mk_digits.build import BuildSettings, build_pool
 from mk_digits.data import TASKS
 

@@ -32,7 +32,7 @@ _SKELETON = Backbone()
 def _state(model: Any) -> dict[str, torch.Tensor]:
     if isinstance(model, dict):
         return model
-    from mergekit_core.io.readers import SafetensorsReader
+    from mergekit_core.api import SafetensorsReader
 
     reader = SafetensorsReader.from_directory(Path(model))
     return {name: reader.get(name) for name in reader.infos()}

@@ -7,14 +7,12 @@ import types
 
 import numpy as np
 import pytest
-
-from mergekit_core import MergeMethod, hookimpl
-from mergekit_core.config import MergeConfig
-from mergekit_core.engine import run_merge
-from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
-from mergekit_core.testing import fresh_host, run_mk
 from mk_digits.build import BuildSettings, build_pool
 from mk_digits.data import TASKS, num_classes, task_data
+
+from mergekit_core import MergeMethod, hookimpl
+from mergekit_core.api import MergeConfig, evaluate_merge, make_setup, run_merge
+from mergekit_core.testing import fresh_host, run_mk
 
 HOST = fresh_host(entry_points=True)
 
@@ -105,8 +103,7 @@ def test_build_command_and_bad_pool(tmp_path, pool):
 def test_ready_sweep_config_runs(pool, tmp_path):
     from pathlib import Path
 
-    from mergekit_core.config import load_merge_config
-    from mergekit_core.evaluation.sweep import run_sweep
+    from mergekit_core.api import load_merge_config, run_sweep
 
     path, _ = pool
     cfg = load_merge_config(Path(__file__).resolve().parents[3] / "configs" / "sweep_digits.yaml")

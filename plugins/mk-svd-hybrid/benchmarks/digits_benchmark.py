@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from mergekit_core import PluginHost
-from mergekit_core.config import MergeConfig
-from mergekit_core.engine import prepare_context, run_merge
+from mergekit_core.api import MergeConfig, prepare_context, run_merge
 
 LAMBDAS = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
 """Task arithmetic's lambda multiplies the sum of task vectors; svd_hybrid's multiplies the weighted

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from mk_svd_hybrid.codec import CodecSettings, Decoder, encode
 
 

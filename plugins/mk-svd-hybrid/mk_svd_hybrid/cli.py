@@ -16,7 +16,7 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _spec(config: Path | None, sources: list[str], base: str | None, params: dict[str, Any]) -> Any:
-    from mergekit_core.config import MergeConfig, load_merge_config
+    from mergekit_core.api import MergeConfig, load_merge_config
 
     cfg = load_merge_config(config) if config is not None else MergeConfig.from_dict({}, None)
     if cfg.data.get("method") not in (None, "svd_hybrid"):
@@ -118,9 +118,7 @@ def make_app(host: PluginHost) -> typer.Typer:
 
         Example: mk svd-hybrid compress --base pool/base pool/task_a pool/task_b --out artifact/
         """
-        from mergekit_core.config import parse_key_values
-        from mergekit_core.engine import prepare_context
-        from mergekit_core.io.destination import AtomicDirectory, check_destination
+        from mergekit_core.api import AtomicDirectory, check_destination, parse_key_values, prepare_context
         from mk_svd_hybrid.pipeline import compress
 
         params = parse_key_values(list(param or []))
@@ -185,7 +183,7 @@ def make_app(host: PluginHost) -> typer.Typer:
         as_json: bool = typer.Option(False, "--json", help="Print the diagnostics as JSON."),
     ) -> None:
         """Check an artifact (sha256 of every file) and show its reconstruction errors and sizes."""
-        from mergekit_core.io.destination import relation
+        from mergekit_core.api import relation
         from mk_svd_hybrid.store import ArtifactReader
 
         if write is not None and relation(write, artifact) in ("is", "lies inside", "contains"):
@@ -203,7 +201,7 @@ def make_app(host: PluginHost) -> typer.Typer:
                     decoder.task(t)
             diag["overall"]["reconstruct_again_s"] = round(time.perf_counter() - started, 4)
         if write is not None:
-            from mergekit_core.outputs import write_json
+            from mergekit_core.api import write_json
 
             write_json(write, diag)
         if as_json:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from mergekit_core import ConfigError, FormatError, MergeError, PrepareContext
-from mergekit_core.io.safetensors_header import DTYPE_SIZES
+from mergekit_core.api import DTYPE_SIZES
 from mk_svd_hybrid import weighting
-from mk_svd_hybrid.codec import Decoder, CodecSettings, encode
+from mk_svd_hybrid.codec import CodecSettings, Decoder, encode
 from mk_svd_hybrid.diagnostics import Diagnostics
 from mk_svd_hybrid.store import ArtifactReader, ArtifactWriter, tensor_sha256
 
@@ -46,7 +46,7 @@ def settings(params: Mapping[str, Any], num_tasks: int, clusters: Sequence[Seque
 
 def source_accuracies(context: PrepareContext, tasks: Sequence[str]) -> dict[str, float]:
     """Each source's own accuracy on its task (same name), from the config's evaluator."""
-    from mergekit_core.evaluation.evaluate import individual_metric, setup_from_spec
+    from mergekit_core.api import individual_metric, setup_from_spec
 
     spec = context.plan.spec if context.plan is not None else None
     if context.host is None or spec is None or not spec.sweep.get("evaluator"):

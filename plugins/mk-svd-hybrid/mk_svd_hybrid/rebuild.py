@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core import FormatError, PluginHost, UsageError
-from mergekit_core.io.dtypes import check_finite, is_float, parse_user_dtype, safetensors_code, torch_dtype
-from mergekit_core.io.formats import open_checkpoint
-from mergekit_core.io.safetensors_header import TensorInfo
-from mergekit_core.io.destination import AtomicDirectory, check_destination
-from mergekit_core.io.writer import StreamingSafetensorsWriter, copy_model_files
+from mergekit_core.api import (
+    AtomicDirectory,
+    StreamingSafetensorsWriter,
+    TensorInfo,
+    check_destination,
+    check_finite,
+    copy_model_files,
+    is_float,
+    open_checkpoint,
+    parse_user_dtype,
+    safetensors_code,
+    torch_dtype,
+)
 from mk_svd_hybrid.pipeline import merged_delta
 from mk_svd_hybrid.store import ArtifactReader, tensor_sha256
 

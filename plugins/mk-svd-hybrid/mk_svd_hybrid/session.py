@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core import PrepareContext
-from mergekit_core.io.destination import AtomicDirectory
+from mergekit_core.api import AtomicDirectory
 from mk_svd_hybrid.pipeline import compress
 from mk_svd_hybrid.store import ArtifactReader
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mergekit_core import FormatError
-from mergekit_core.io.writer import save_tensors, sha256_file
+from mergekit_core.api import save_tensors, sha256_file
 from mk_svd_hybrid.codec import SEP, Decoder, Record
 
 FORMAT = "mk-svd-hybrid/1"

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-
-from mergekit_core.testing import check_merge_method, fresh_host
 from mk_svd_hybrid import plugin
 from mk_svd_hybrid.codec import CodecSettings, Decoder, encode
 from mk_svd_hybrid.methods import SvdHybrid
+
+from mergekit_core.testing import check_merge_method, fresh_host
 
 LOSSLESS = CodecSettings(energy=1.0, fp16_energy=1.0, mask="none")
 

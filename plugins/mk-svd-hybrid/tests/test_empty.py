@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from mergekit_core.testing import run_mk
 from mk_svd_hybrid.codec import CodecSettings, Decoder, encode
 from mk_svd_hybrid.quantize import pack_codes, quantize, unpack_codes
 from mk_svd_hybrid.store import check_record
+from safetensors.torch import load_file, save_file
+
+from mergekit_core.testing import run_mk
 
 ODD_SHAPES = [(0, 32), (32, 0), (4, 0, 3), (0,), ()]
 SETTINGS = [

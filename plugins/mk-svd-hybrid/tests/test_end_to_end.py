@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergekit_core.io.writer import sha256_file
+from mergekit_core.api import sha256_file
 from mergekit_core.testing import run_mk
 
 

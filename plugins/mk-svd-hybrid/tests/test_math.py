@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from mk_svd_hybrid import masks, weighting
 from mk_svd_hybrid.quantize import (
     dequantize_stages,

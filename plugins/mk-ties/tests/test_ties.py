@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from mergekit_core import ParameterError, TensorGroup
-from mergekit_core.testing import check_merge_method
 from mk_ties.kernels import dare
 from mk_ties.methods import METHODS, BreadcrumbsTies, DareLinear, DareTies, Ties
 from mk_ties.select import keep_count, top_mask
 from mk_ties.transforms import MagnitudePrune, Trim
+
+from mergekit_core import ParameterError, TensorGroup
+from mergekit_core.testing import check_merge_method
 
 # --------------------------------------------------------------------------- numpy references
 

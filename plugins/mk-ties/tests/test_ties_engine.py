@@ -9,9 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergekit_core.config import MergeConfig, load_merge_config
-from mergekit_core.engine import run_merge
-from mergekit_core.io.peft_reader import AdapterReader
+from mergekit_core.api import MergeConfig, SafetensorsReader, load_merge_config, open_checkpoint, run_merge
 from mergekit_core.testing import fresh_host, run_mk
 
 HOST = fresh_host(entry_points=True)
@@ -165,10 +163,8 @@ def test_lora_ties_writes_an_adapter_and_a_full_model_that_load(tmp_path):
                              method_params=params, output={"path": str(tmp_path / "ad"), "adapter_rank": 8}), HOST)
     assert adapter.output_kind == "adapter"
     assert adapter.report["energy_kept"] == pytest.approx(1.0, abs=1e-6)  # rank 8 >= min(8, 6): nothing lost
-    from mergekit_core.io.readers import SafetensorsReader
-
     merged_full = SafetensorsReader.from_directory(tmp_path / "full")
-    reader = AdapterReader(tmp_path / "ad")
+    reader = open_checkpoint(tmp_path / "ad", HOST)
     for name, w in base.items():
         np.testing.assert_allclose(reader.delta(name).numpy(), merged_full.get(name).numpy() - w, atol=1e-5)
 
@@ -195,9 +191,10 @@ def test_lora_ties_writes_an_adapter_and_a_full_model_that_load(tmp_path):
 def test_matches_mergekit_where_definitions_agree():
     sparsify = pytest.importorskip("mergekit.sparsify", reason="needs the plugin's test extra")
     gta = pytest.importorskip("mergekit.merge_methods.generalized_task_arithmetic")
-    from mergekit_core import TensorGroup
     from mk_ties.kernels import dare
     from mk_ties.methods import Breadcrumbs, Ties
+
+    from mergekit_core import TensorGroup
 
     rng = np.random.default_rng(3)
     deltas = [torch.from_numpy(rng.standard_normal((40, 25)).astype(np.float32)) for _ in range(3)]

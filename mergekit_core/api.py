@@ -1,0 +1,74 @@
+"""The public API for plugins, beyond what ``import mergekit_core`` exports (the component
+types, ``Param``, ``hookimpl``, the errors and ``PluginHost``).
+
+A plugin imports from ``mergekit_core`` and ``mergekit_core.api`` only (its tests may also use
+``mergekit_core.testing``); ``tests/test_public_api.py`` fails when a bundled plugin imports
+anything else. Everything here keeps its name and signature within a minor version; the modules
+behind it may move. Names resolve lazily (PEP 562), so importing this module imports neither
+torch nor the engine: plugin modules stay cheap for ``mk --help``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, tuple[str, str]] = {
+    # merging
+    "run_merge": ("mergekit_core.engine.run", "run_merge: plan, choose lambdas, stream, record"),
+    "prepare_context": ("mergekit_core.engine.run", "the tensor groups a merge would see, without merging"),
+    "MergeResult": ("mergekit_core.engine.run", "what run_merge returns"),
+    # configs
+    "MergeConfig": ("mergekit_core.config", "a validated config: from_dict, with_overrides, to_spec"),
+    "MergeSpec": ("mergekit_core.config", "the normalised merge a config describes"),
+    "load_merge_config": ("mergekit_core.config", "read a YAML config file"),
+    "parse_key_values": ("mergekit_core.config", "KEY=VALUE command-line words into a dict"),
+    # reading
+    "open_checkpoint": ("mergekit_core.io.formats", "a lazy reader for a model, file or adapter"),
+    "SafetensorsReader": ("mergekit_core.io.readers", "a lazy reader of safetensors files and folders"),
+    "TensorInfo": ("mergekit_core.io.safetensors_header", "name, shape and dtype code of a stored tensor"),
+    "DTYPE_SIZES": ("mergekit_core.io.safetensors_header", "bytes per element of each dtype code"),
+    # dtypes
+    "torch_dtype": ("mergekit_core.io.dtypes", "torch dtype from a code (BF16) or name"),
+    "safetensors_code": ("mergekit_core.io.dtypes", "dtype code of a torch dtype"),
+    "parse_user_dtype": ("mergekit_core.io.dtypes", "fp16/bf16/fp32 as users write them"),
+    "is_float": ("mergekit_core.io.dtypes", "whether a dtype code is floating point"),
+    "check_finite": ("mergekit_core.io.dtypes", "refuse NaN/Inf in an output tensor, naming it"),
+    # writing
+    "check_destination": ("mergekit_core.io.destination", "refuse an output that would replace an input"),
+    "AtomicDirectory": ("mergekit_core.io.destination", "write a directory atomically, by the output rules"),
+    "relation": ("mergekit_core.io.destination", "is / contains / lies inside between two paths"),
+    "StreamingSafetensorsWriter": ("mergekit_core.io.writer", "sharded safetensors, one tensor at a time"),
+    "copy_model_files": ("mergekit_core.io.writer", "config and tokenizer files beside the weights"),
+    "save_tensors": ("mergekit_core.io.writer", "a small safetensors file from a dict"),
+    "sha256_file": ("mergekit_core.io.writer", "sha256 of a file"),
+    "write_json": ("mergekit_core.outputs", "JSON written atomically"),
+    "read_json": ("mergekit_core.outputs", "JSON read"),
+    # evaluation
+    "make_setup": ("mergekit_core.evaluation.evaluate", "an evaluation setup from names and params"),
+    "setup_from_spec": ("mergekit_core.evaluation.evaluate", "the evaluation a config asks for"),
+    "score": ("mergekit_core.evaluation.evaluate", "one task's metrics of a model"),
+    "individual_metric": ("mergekit_core.evaluation.evaluate", "a source's own metric, cached"),
+    "evaluate_result": ("mergekit_core.evaluation.evaluate", "evaluate and record a finished merge"),
+    "evaluate_merge": ("mergekit_core.evaluation.evaluate", "evaluate and record any merged model"),
+    "run_sweep": ("mergekit_core.evaluation.sweep", "a resumable sweep over a search space"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def describe() -> dict[str, str]:
+    """Every public name and one line on what it is (the plugin guide's table)."""
+    return {name: help_ for name, (_, help_) in sorted(_EXPORTS.items())}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"mergekit_core.api has no {name!r}; the public names are listed in its __all__")
+    value = getattr(importlib.import_module(_EXPORTS[name][0]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return [*__all__, "describe"]

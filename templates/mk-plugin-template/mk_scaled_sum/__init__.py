@@ -1,0 +1,1 @@
+"""A mergekit-core plugin template: one merge method, ``scaled_sum``."""
