@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core.components import closest
-from mergekit_core.errors import ConfigError
+from mergekit_core.errors import ConfigError, MkDeprecationWarning
 
 MERGE_KEYS = {
     "sources", "base_model", "method", "method_params", "merge_mode", "transforms", "lambda_policy",
     "optimizer", "output", "include", "exclude", "seed", "compute_dtype", "sources_root", "name",
+    "untie_word_embeddings",
 }
 SOURCE_ALIASES = ("adapters", "models")
 SWEEP_KEYS = {"search", "eval_tasks", "split", "eval_subset", "save_merged", "constraint_nonnegative",
@@ -76,6 +77,7 @@ class MergeSpec:
     seed: int = 0
     compute_dtype: str = "float32"
     output_dir: Path = Path(DEFAULT_OUTPUT_DIR)
+    untie_word_embeddings: bool = False
     sweep: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -97,6 +99,8 @@ class MergeSpec:
             "include": list(self.include), "exclude": list(self.exclude), "seed": self.seed,
             "compute_dtype": self.compute_dtype, "output_dir": str(self.output_dir), **self.sweep,
         }
+        if self.untie_word_embeddings:
+            out["untie_word_embeddings"] = True
         if self.base_model is not None:
             out["base_model"] = str(self.base_model)
         if self.lambda_policy is not None:
@@ -118,6 +122,20 @@ class MergeSpec:
         return conv(asdict(self))
 
 
+def _shown(value: Any) -> str:
+    """``value`` for a one-line message: as written when printable, else with escapes (``\\n``)."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for names the file system refuses (too long, NUL bytes)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "x"
 
@@ -129,10 +147,13 @@ def parse_size(value: Any, what: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
     if not m:
         raise ConfigError(f"{what}: cannot read size {value!r}; write e.g. 5GB, 500MB or a number of bytes")
-    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    unit = (m.group(2) or "B").upper()
     powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    size = int(number * powers[unit])
+    try:
+        size = int(float(m.group(1)) * powers[unit])
+    except (ValueError, OverflowError):  # "1.2.3", or more digits than a float holds
+        raise ConfigError(f"{what}: cannot read size {value!r}; write e.g. 5GB, 500MB or a number of bytes") from None
     if size <= 0:
         raise ConfigError(f"{what}: size must be positive, got {value!r}")
     return size
@@ -147,14 +168,14 @@ def component_ref(value: Any, what: str, problems: list[str]) -> ComponentRef | 
     if isinstance(value, Mapping):
         extra = set(value) - {"name", "params", "type"}
         if extra:
-            problems.append(f"{what}: unknown key '{sorted(extra)[0]}' (use name and params)")
+            problems.append(f"{what}: unknown key '{_shown(sorted(map(str, extra))[0])}' (use name and params)")
         name = value.get("name", value.get("type"))
         params = value.get("params") or {}
         if not isinstance(name, str):
             problems.append(f"{what}: needs a 'name'")
             return None
-        if not isinstance(params, Mapping):
-            problems.append(f"{what}: 'params' must be a mapping")
+        if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+            problems.append(f"{what}: 'params' must be a mapping of parameter names to values")
             params = {}
         return ComponentRef(name, dict(params))
     problems.append(f"{what}: must be a name or {{name, params}}, got {value!r}")
@@ -181,8 +202,12 @@ class MergeConfig:
                 data["sources"] = data.pop(alias)
         for old, new in LEGACY_KEYS.items():
             if old in data:
-                warnings.warn(f"{where}: '{old}' is deprecated; use {new}", DeprecationWarning, stacklevel=3)
+                warnings.warn(f"{where}: '{old}' is deprecated; use {new}", MkDeprecationWarning, stacklevel=3)
                 value = data.pop(old)
+                target = "search" if old == "grid" else "method_params"
+                for key, v in ((target, data.get(target)), (old, value if old == "params" else None)):
+                    if not isinstance(v or {}, Mapping):
+                        raise ConfigError(f"{where}: '{key}' must be a mapping, got {type(v).__name__}")
                 if old == "grid":
                     search = dict(data.get("search") or {})
                     search.setdefault("type", "grid")
@@ -196,8 +221,8 @@ class MergeConfig:
         problems = []
         for key in data:
             if key not in known:
-                guess = closest(key, known)
-                problems.append(f"unknown key '{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
+                guess = closest(str(key), known)
+                problems.append(f"unknown key '{_shown(key)}'" + (f" (did you mean '{guess}'?)" if guess else ""))
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems))
         return cls(data, path)
@@ -210,7 +235,13 @@ class MergeConfig:
                 continue
             if "." in key:
                 head, tail = key.split(".", 1)
-                data[head] = {**(data.get(head) or {}), tail: value}
+                current = data.get(head) or {}
+                if head == "output" and isinstance(current, str):
+                    current = {"path": current}
+                if not isinstance(current, Mapping):
+                    where = str(self.path) if self.path else "config"
+                    raise ConfigError(f"{where}: '{head}' must be a mapping to set {key}, got {type(current).__name__}")
+                data[head] = {**current, tail: value}
             else:
                 data[key] = value
         return MergeConfig.from_dict(data, self.path)
@@ -223,14 +254,14 @@ class MergeConfig:
         sources = self._sources(d.get("sources"), base_dir, root, problems)
         base = d.get("base_model")
         base_path = self._path(base, base_dir) if base else None
-        if base and not base_path.exists():
-            problems.append(f"base_model: {base_path} does not exist")
+        if base and not _exists(base_path):
+            problems.append(f"base_model: {_shown(base_path)} does not exist")
         method = component_ref(d.get("method"), "method", problems)
         if method is None and "method" not in d:
             problems.append("method: missing; name a merge method (see 'mk plugins list')")
         method_params = d.get("method_params") or {}
-        if not isinstance(method_params, Mapping):
-            problems.append("method_params: must be a mapping")
+        if not isinstance(method_params, Mapping) or not all(isinstance(k, str) for k in method_params):
+            problems.append("method_params: must be a mapping of parameter names to values")
             method_params = {}
         if method is not None:
             method.params = {**method.params, **dict(method_params)}
@@ -260,6 +291,9 @@ class MergeConfig:
             compute = parse_user_dtype(compute, "compute_dtype")
         except ConfigError as exc:
             problems.append(str(exc))
+        untie = d.get("untie_word_embeddings", False)
+        if not isinstance(untie, bool):
+            problems.append(f"untie_word_embeddings: must be true or false, got {untie!r}")
         if problems:
             raise ConfigError(f"{where}: " + "; ".join(problems))
         return MergeSpec(
@@ -267,7 +301,7 @@ class MergeConfig:
             lambda_policy=policy, optimizer=optimizer, output=output, include=include, exclude=exclude,
             seed=seed, compute_dtype=compute,
             output_dir=self._path(d.get("output_dir", DEFAULT_OUTPUT_DIR), base_dir),
-            sweep=self._sweep(d, base_dir),
+            sweep=self._sweep(d, base_dir), untie_word_embeddings=untie,
         )
 
     @staticmethod
@@ -279,7 +313,7 @@ class MergeConfig:
         if isinstance(params, Mapping):
             resolved = {}
             for key, value in params.items():
-                if isinstance(value, str) and value and not Path(value).is_absolute() and (base_dir / value).exists():
+                if isinstance(value, str) and value and not Path(value).is_absolute() and _exists(base_dir / value):
                     value = str((base_dir / value).resolve())
                 resolved[key] = value
             sweep["evaluator_params"] = resolved
@@ -287,7 +321,11 @@ class MergeConfig:
 
     @staticmethod
     def _path(value: Any, base_dir: Path) -> Path:
-        p = Path(str(value)).expanduser()
+        p = Path(str(value))
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # "~user" of an unknown user: left as written, so it is reported as missing
+            pass
         return Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
 
     def _sources(self, raw: Any, base_dir: Path, root: Any, problems: list[str]) -> list[SourceSpec]:
@@ -304,17 +342,17 @@ class MergeConfig:
                 problems.append(f"sources[{i}]: must be a path, a task name, or {{name, path}}")
                 continue
             path = self._path(value, base_dir)
-            if not path.exists() and root is not None:
+            if not _exists(path) and root is not None:
                 path = self._path(Path(str(root)) / str(value), base_dir)
-            if not path.exists():
-                where = f" or under sources_root {root}" if root is not None else ""
-                problems.append(f"sources[{i}]: {value} is not a path{where}; check the name")
+            if not _exists(path):
+                where = f" or under sources_root {_shown(root)}" if root is not None else ""
+                problems.append(f"sources[{i}]: {_shown(value)} is not a path{where}; check the name")
                 continue
             out.append(SourceSpec(str(name) if name else Path(str(value)).name, path))
         names = [s.name for s in out]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            problems.append(f"sources: the name '{dup[0]}' is used twice; give each source a distinct name")
+            problems.append(f"sources: the name '{_shown(dup[0])}' is used twice; give each source a distinct name")
         return out
 
     def _output(self, raw: Any, base_dir: Path, problems: list[str]) -> OutputSpec:
@@ -327,8 +365,8 @@ class MergeConfig:
             return OutputSpec()
         for key in raw:
             if key not in OUTPUT_KEYS:
-                guess = closest(key, OUTPUT_KEYS)
-                problems.append(f"output: unknown key '{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
+                guess = closest(str(key), OUTPUT_KEYS)
+                problems.append(f"output: unknown key '{_shown(key)}'" + (f" (did you mean '{guess}'?)" if guess else ""))
         out = OutputSpec()
         if raw.get("path"):
             out.path = self._path(raw["path"], base_dir)
@@ -380,11 +418,17 @@ def load_merge_config(path: Path | str) -> MergeConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file does not exist") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not valid UTF-8); a config is YAML text") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
+    except (ValueError, OverflowError) as exc:  # a value YAML cannot build: a date like 2024-13-01, a huge int
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return MergeConfig.from_dict(data or {}, path)

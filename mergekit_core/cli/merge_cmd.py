@@ -37,34 +37,65 @@ def build_spec(config: Path | None, overrides: dict[str, Any]) -> Any:
 
 
 class RichProgress:
-    """Maps engine progress events onto one rich progress bar on stderr."""
+    """Maps engine progress events onto rich progress bars on stderr.
+
+    Events: ``start`` (total tensors, total bytes), ``tensor`` (name, bytes), ``end`` for the
+    merge itself; ``phase`` (label, total) and ``step`` (name) for the work before it (a
+    method's preparation passes, hashing the inputs).
+    """
 
     def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
+        import time
 
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.clock = time.monotonic
         self.progress = Progress(
-            TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TextColumn("tensors"),
-            TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[name]}"),
             console=Console(stderr=True), transient=True,
         )
         self.task: Any = None
+        self.phase: Any = None
+        self.started = 0.0
+        self.count = self.done = self.bytes = self.total_bytes = 0
+
+    def _detail(self) -> str:
+        detail = f"{self.done}/{self.count} tensors"
+        elapsed = self.clock() - self.started
+        if self.total_bytes and elapsed > 0:
+            detail += f", {_human(self.bytes / elapsed)}/s written"
+        return detail
 
     def __call__(self, event: str, **info: Any) -> None:
-        if event == "start":
+        if event in ("start", "phase") and not self.progress.live.is_started:
             self.progress.start()
-            self.task = self.progress.add_task("merge", total=info["total"], name="")
+        if event == "start":
+            self._end_phase()
+            self.started, self.count, self.total_bytes = self.clock(), info["total"], info.get("total_bytes") or 0
+            self.task = self.progress.add_task("merging", total=self.total_bytes or self.count, name="",
+                                               detail=self._detail())
         elif event == "tensor":
-            self.progress.update(self.task, advance=1, name=info["name"][-48:])
+            self.done += 1
+            self.bytes += info.get("nbytes") or 0
+            self.progress.update(self.task, advance=(info.get("nbytes") or 0) if self.total_bytes else 1,
+                                 name=info["name"][-48:], detail=self._detail())
+        elif event == "phase":
+            self._end_phase()
+            self.phase = self.progress.add_task(info["label"], total=info.get("total"), name="", detail="")
+        elif event == "step" and self.phase is not None:
+            self.progress.update(self.phase, advance=1, name=str(info.get("name", ""))[-48:])
         elif event == "end":
-            self.progress.stop()
+            self._end_phase()
+
+    def close(self) -> None:
+        self.progress.stop()
+
+    def _end_phase(self) -> None:
+        if self.phase is not None:
+            self.progress.remove_task(self.phase)
+            self.phase = None
 
 
 def _human(n: float) -> str:
@@ -93,7 +124,7 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
                       f"-> {plan.output_kind}" + (f" at {spec.output.path}" if spec.output.path else ""))
         sources = Table(title="sources")
         for col in ("#", "name", "format", "path"):
-            sources.add_column(col)
+            sources.add_column(col, overflow="fold")
         if plan.base is not None:
             sources.add_row("base", "-", plan.base.format_name, escape(str(spec.base_model)))
         for i, s in enumerate(plan.sources):
@@ -179,7 +210,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         eval_tasks: list[str] = typer.Option(None, "--eval-tasks", help="Evaluate the merge on these tasks."),
         evaluator: str = typer.Option(None, "--evaluator", help="Evaluator for --eval-tasks (e.g. digits)."),
         eval_param: list[str] = typer.Option(None, "--eval-param", help="Evaluator parameter KEY=VALUE."),
-        split: str = typer.Option("test", "--split", help="Split for --eval-tasks."),
+        split: str = typer.Option(None, "--split", help="Split for --eval-tasks (default: the config's split, "
+                                  "else test).", show_default=False),
     ) -> None:
         """Merge sources (fine-tuned models or PEFT adapters) into one model or adapter."""
         inputs = list(inputs or [])
@@ -231,10 +263,15 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             from mergekit_core.evaluation.evaluate import setup_from_spec
 
             setup = setup_from_spec(host, spec, evaluator=evaluator, params=_eval_params(eval_param),
-                                    tasks=list(eval_tasks), split=split)
+                                    tasks=list(eval_tasks), split=split or spec.sweep.get("split") or "test")
         show = not quiet and not as_json and sys.stderr.isatty()
-        result = run_merge(spec, host, progress=RichProgress() if show else None,
-                           allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs, force=force)
+        bar = RichProgress() if show else None
+        try:
+            result = run_merge(spec, host, progress=bar, allow_nonfinite=allow_nonfinite,
+                               hash_inputs=hash_inputs, force=force)
+        finally:
+            if bar is not None:
+                bar.close()
         evaluation = _evaluate_result(setup, host, spec, result) if setup is not None else None
         summary = {
             "method": result.method, "output_kind": result.output_kind,
@@ -257,7 +294,13 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if summary["relative_delta_norm"] is not None:
             lines.append(f"the merge moved the weights by {summary['relative_delta_norm']:.4f} of the base's norm")
         if summary["energy_kept"] is not None:
-            lines.append(f"adapter truncation kept {summary['energy_kept']:.4%} of the energy")
+            exact = result.report.get("exact_modules") or 0
+            truncated = len(result.report.get("energy_kept_per_module") or {}) - exact
+            if truncated == 0:
+                lines.append(f"adapter: exact, the LoRA factors of {exact} modules concatenated (nothing truncated)")
+            else:
+                lines.append(f"adapter: {exact} modules exact (factors concatenated), {truncated} truncated by SVD "
+                             f"keeping {summary['energy_kept']:.4%} of their energy")
         lines.append(f"{result.output_kind}: {summary['output']}")
         lines.append(f"run bundle: {summary['run_dir']}")
         for w in summary["warnings"]:

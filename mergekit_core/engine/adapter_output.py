@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from mergekit_core.components import TensorGroup
 from mergekit_core.engine.compute import TensorMerger
-from mergekit_core.engine.plan import TensorPlan
+from mergekit_core.engine.plan import MergePlan, TensorPlan
+from mergekit_core.errors import MergeError
 from mergekit_core.io.lowrank import Truncation, concat_factors, factored_svd_truncate, svd_truncate
 from mergekit_core.io.peft_reader import PREFIX, AdapterReader
 from mergekit_core.io.peft_writer import LoraModuleOut
@@ -85,8 +86,24 @@ def _record(result: AdapterMerge, name: str, trunc: Truncation) -> None:
     result.total_sq += total
 
 
+def check_base_copies(plan: MergePlan) -> None:
+    """Every ``base_layer`` copy a source adapter saved must be the base's own tensor (up to the
+    dtype the adapter was saved in): a LoRA output can carry its delta, not a changed base."""
+    for copy in plan.base_copies:
+        source = plan.sources[copy.source]
+        saved = source.reader.get(copy.key)
+        base = plan.base.get(copy.base_key)
+        if tuple(saved.shape) != tuple(base.shape) or not bool((saved == base.to(saved.dtype)).all()):
+            raise MergeError(
+                f"{copy.name}: source {source.name} ({source.spec.path}) saved a base_layer copy {copy.key!r} that "
+                f"differs from the base model's {copy.base_key}; a LoRA adapter cannot carry that change: write a "
+                "full model instead (output.kind: model, or --kind model)"
+            )
+
+
 def merge_adapters(merger: TensorMerger, out_rank: int | None, progress: Any = None) -> AdapterMerge:
     plan = merger.plan
+    check_base_copies(plan)
     fan_in_fan_out = plan.sources[0].reader.config.fan_in_fan_out
     result = AdapterMerge()
     todo = [t for t in plan.tensors if t.action == "merge"]
@@ -118,7 +135,7 @@ def _exact(merger: TensorMerger, t: TensorPlan, out_rank: int | None, result: Ad
         indices = [i for i, c in enumerate(t.contributions) if c is not None]
     names = [merger.plan.sources[i].name for i in indices]
     group = TensorGroup(t.name, t.layer, None, [], merger.coefficients(t, indices), names)
-    coefficients = merger.method.linear_coefficients(group, merger.params)
+    coefficients = merger.linear_coefficients(group)
     factors, weights = [], []
     for i, c in zip(indices, coefficients):
         contribution = t.contributions[i]

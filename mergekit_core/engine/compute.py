@@ -33,8 +33,8 @@ FUSED_CHUNK = 1 << 20
 
 @dataclass
 class Raw:
-    """The stored tensors of one output tensor, as read: the base and one per source (None for
-    adapter deltas and missing sources)."""
+    """The stored tensors of one output tensor, as read: the base and one per source (for an
+    adapter delta, its saved ``base_layer`` copy or None; None for missing sources)."""
 
     base: torch.Tensor | None
     tensors: list[torch.Tensor | None]
@@ -91,15 +91,15 @@ class TensorMerger:
 
         Adapter deltas are computed later, from their (small) factors.
         """
-        jobs = [(self.plan.base, t.name)] if self.plan.base is not None else []
-        jobs += [(self.plan.sources[i].reader, c.key) for i, c in enumerate(t.contributions)
-                 if c is not None and c.kind != "delta"]
+        keys = [None if c is None else (c.copy if c.kind == "delta" else c.key) for c in t.contributions]
+        jobs = [(self.plan.base, t.base_key or t.name)] if self.plan.base is not None else []
+        jobs += [(self.plan.sources[i].reader, key) for i, key in enumerate(keys) if key is not None]
         if len(jobs) > 1 and t.numel >= PARALLEL_READ_MIN:  # several files at once keep the disk busy
             got = list(self._readers().map(lambda job: job[0].get(job[1]), jobs))
         else:
             got = [reader.get(key) for reader, key in jobs]
         base = got.pop(0) if self.plan.base is not None else None
-        tensors = [None if c is None or c.kind == "delta" else got.pop(0) for c in t.contributions]
+        tensors = [None if key is None else got.pop(0) for key in keys]
         return Raw(base, tensors)
 
     def _readers(self) -> ThreadPoolExecutor:
@@ -127,7 +127,12 @@ class TensorMerger:
                     tensors.append(torch.zeros(t.shape, dtype=self.dtype))
                     indices.append(i)
                 continue
-            if c.kind == "delta":
+            if c.kind == "delta" and raw.tensors[i] is not None:  # applied to its base_layer copy, as peft does
+                copy = self._owned(self.plan.sources[i].reader, raw.tensors[i])
+                x = self.plan.sources[i].reader.delta(c.key, copy).to(self.dtype).reshape(t.shape).add_(copy)
+                if basef is not None:
+                    x.sub_(basef)
+            elif c.kind == "delta":
                 x = self.plan.sources[i].reader.delta(c.key, basef).to(self.dtype)
                 if x.shape != tuple(t.shape):
                     x = x.reshape(t.shape)
@@ -157,7 +162,7 @@ class TensorMerger:
         names = [self.plan.sources[i].name for i in indices]
         group = TensorGroup(t.name, t.layer, None, [], self.coefficients(t, indices), names, self.tensor_seed(t))
         pairs = [(raw.tensors[i].reshape(-1), float(c)) for i, c in
-                 zip(indices, self.method.linear_coefficients(group, self.params)) if raw.tensors[i] is not None]
+                 zip(indices, self.linear_coefficients(group)) if raw.tensors[i] is not None]
         base = raw.base.reshape(-1)
         n = base.numel()
         out = torch.empty(n, dtype=out_dtype)
@@ -193,6 +198,19 @@ class TensorMerger:
     def coefficients(self, t: TensorPlan, indices: list[int]) -> list[float]:
         return [float(self.policy.resolve(t.name, t.layer, i, self.values)) for i in indices]
 
+    def linear_coefficients(self, group: TensorGroup) -> list[float]:
+        """The linear method's coefficient of each source, checked: one finite number per source."""
+        out = self._call(self.method, "linear_coefficients", group, self.params)
+        try:
+            values = [float(c) for c in out]
+        except (TypeError, ValueError):
+            values = []
+        if len(values) != len(group.source_names) or not all(math.isfinite(v) for v in values):
+            raise PluginError(f"{self.method.label} ({origin(self.method)}) returned {out!r} as linear_coefficients "
+                              f"for tensor {group.name}; expected {len(group.source_names)} finite numbers, one "
+                              "per source")
+        return values
+
     def transformed(self, t: TensorPlan, inputs: Inputs) -> list[torch.Tensor]:
         import torch
 
@@ -202,7 +220,7 @@ class TensorMerger:
         for i, x in zip(inputs.indices, inputs.tensors):
             rng = torch.Generator().manual_seed(self.tensor_seed(t) + i)
             for transform, params in self.transforms:
-                x = self._call(transform, "apply", t.name, x, params, rng)
+                x = checked_output(transform, t.name, self._call(transform, "apply", t.name, x, params, rng), t.shape)
             out.append(x)
         return out
 
@@ -215,8 +233,8 @@ class TensorMerger:
             if type(exc).__module__.startswith("mergekit_core"):
                 raise
             raise PluginError(
-                f"{component.label} failed on tensor {args[0] if isinstance(args[0], str) else args[0].name}: "
-                f"{type(exc).__name__}: {exc}"
+                f"{component.label} ({origin(component)}) failed on tensor "
+                f"{args[0] if isinstance(args[0], str) else args[0].name}: {type(exc).__name__}: {exc}"
             ) from exc
 
     def tensor_seed(self, t: TensorPlan) -> int:
@@ -240,17 +258,14 @@ class TensorMerger:
         names = [self.plan.sources[i].name for i in inputs.indices]
         group = self.group(t, inputs)
         if self.weights_without_base and self.method.linear:
-            total = sum(self.method.linear_coefficients(group, self.params))
+            total = sum(self.linear_coefficients(group))
             if abs(total - 1.0) > SUM_TOLERANCE:
                 raise MergeError(
                     f"{t.name}: without base_model a linear merge must be a weighted mean, but its "
                     f"coefficients sum to {total:g}; give base_model or normalise the weights"
                 )
-        out = self._call(self.method, "merge", group, self.params, self.state)
-        if tuple(out.shape) != tuple(t.shape):
-            raise PluginError(f"{self.method.label} returned shape {list(out.shape)} for {t.name}, "
-                              f"expected {list(t.shape)}")
-        out = out.to(self.dtype)
+        out = checked_output(self.method, t.name, self._call(self.method, "merge", group, self.params, self.state),
+                             t.shape).to(self.dtype)
         flat = out.reshape(-1)
         out_sq = float(torch.dot(flat, flat)) if flat.numel() else 0.0
         if not math.isfinite(out_sq) and not bool(torch.isfinite(out).all()):  # NaN and Inf reach the dot
@@ -270,18 +285,61 @@ class TensorMerger:
         return Merged(out.add_(base) if add_base else out, out_sq, base_sq)
 
 
+def origin(component: Any) -> str:
+    """Where a component comes from, for error messages: its distribution, else its module."""
+    module = type(component).__module__
+    if module.startswith("mergekit_core."):
+        return "built in"
+    import importlib.metadata
+
+    try:
+        dists = importlib.metadata.packages_distributions().get(module.split(".")[0]) or []
+    except Exception:  # broken metadata must not hide the real error
+        dists = []
+    return f"plugin {dists[0]}" if dists else f"module {module}"
+
+
+def checked_output(component: Any, name: str, out: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """What a method's ``merge`` or a transform's ``apply`` returned, if it keeps the contract: a
+    floating-point ``torch.Tensor`` of the tensor's ``shape``.
+
+    Raises:
+        PluginError: naming the component, where it comes from, the tensor and what was wrong.
+    """
+    import torch
+
+    what = f"{component.label} ({origin(component)}) returned"
+    hint = "merge() and apply() must return a floating-point torch.Tensor of the input's shape"
+    if not isinstance(out, torch.Tensor):
+        raise PluginError(f"{what} a {type(out).__name__} for tensor {name}, not a torch.Tensor", hint=hint)
+    if tuple(out.shape) != tuple(shape):
+        raise PluginError(f"{what} shape {list(out.shape)} for tensor {name}, expected {list(shape)}", hint=hint)
+    if not out.is_floating_point():
+        raise PluginError(f"{what} dtype {str(out.dtype).removeprefix('torch.')} for tensor {name}, "
+                          "not a floating-point dtype", hint=hint)
+    return out
+
+
 class EnginePrepareContext(PrepareContext):
     """Gives ``prepare`` the groups ``merge`` will see; each pass re-reads the sources."""
 
-    def __init__(self, merger: TensorMerger, host: Any = None) -> None:
+    def __init__(self, merger: TensorMerger, host: Any = None, progress: Any = None) -> None:
         self.plan = merger.plan
         self.host = host
         self._merger = merger
+        self._progress = progress
+        self._passes = 0
 
     def groups(self) -> Iterator[TensorGroup]:
-        for t in self.plan.tensors:
-            if t.action == "merge":
-                yield self._merger.group(t, self._merger.load(t))
+        todo = [t for t in self.plan.tensors if t.action == "merge"]
+        self._passes += 1
+        if self._progress:
+            self._progress("phase", label=f"{self._merger.method.name}: preparing, pass {self._passes}",
+                           total=len(todo))
+        for t in todo:
+            yield self._merger.group(t, self._merger.load(t))
+            if self._progress:
+                self._progress("step", name=t.name)
 
 
 def own(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -7,12 +7,14 @@ read, and every problem is reported at once.
 from __future__ import annotations
 
 import fnmatch
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from mergekit_core.components import Architecture, MergeMethod
 from mergekit_core.config import MergeSpec
-from mergekit_core.engine.sources import Contribution, Source, open_sources
+from mergekit_core.engine.sources import Contribution, Source, open_sources, resolve_name
 from mergekit_core.errors import MergeError
 from mergekit_core.io.dtypes import is_float
 from mergekit_core.io.safetensors_header import TensorInfo
@@ -33,10 +35,20 @@ class TensorPlan:
     reason: str = ""
     module: str | None = None  # adapter output: the module path to write
     copy_from: int | None = None  # copy: None = from the base, else from this source
+    base_key: str | None = None  # the base tensor that is this tensor's base value, when not ``name``
 
     @property
     def numel(self) -> int:
         return TensorInfo(self.name, self.shape, self.dtype).numel
+
+
+class BaseCopy(NamedTuple):
+    """An adapter's saved ``base_layer`` copy that an adapter output takes to be the base tensor."""
+
+    name: str
+    base_key: str
+    source: int
+    key: str
 
 
 @dataclass
@@ -49,6 +61,10 @@ class MergePlan:
     architecture: Architecture
     method: MergeMethod
     notes: list[str] = field(default_factory=list)
+    untied: list[str] = field(default_factory=list)
+    """Tied tensors the output writes as their own tensors (``untie_word_embeddings``)."""
+    base_copies: list[BaseCopy] = field(default_factory=list)
+    """Adapter output: base_layer copies to check against the base before writing."""
 
     @property
     def layers(self) -> list[int]:
@@ -56,6 +72,23 @@ class MergePlan:
 
     def by_action(self, action: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.action == action]
+
+    def finish_model_files(self, directory: Path) -> dict[str, str]:
+        """Make the copied ``config.json`` describe the output: ``tie_word_embeddings: false``
+        (also in nested configs that set it, and in ``text_config``) when the plan unties a head.
+        Returns file -> sha256 of the files it rewrote."""
+        path = Path(directory) / "config.json"
+        if not self.untied or not path.is_file():
+            return {}
+        from mergekit_core.io.writer import sha256_file
+
+        config = json.loads(path.read_text())
+        config["tie_word_embeddings"] = False
+        for key, value in config.items():
+            if isinstance(value, dict) and ("tie_word_embeddings" in value or key == "text_config"):
+                value["tie_word_embeddings"] = False
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return {"config.json": sha256_file(path)}
 
     def close(self) -> None:
         for s in self.sources:
@@ -124,6 +157,21 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
         {n for s in sources for n in s.contributions})
     arch = choose_architecture(host, config, all_names)
     notes: list[str] = []
+    infos: dict[str, TensorInfo] = reference.infos() if reference is not None else {}
+    # tied tensors the reference does not store: name -> the stored tensor it is tied to
+    loose = {n: p for n, p in arch.tied_weights(config) if n not in infos and p in infos}
+    untie = spec.untie_word_embeddings
+    if untie and kind == "adapter":
+        problems.append("untie_word_embeddings: an adapter output cannot untie the base's embeddings; "
+                        "write a full model (output.kind: model)")
+    elif untie and not loose:
+        notes.append("untie_word_embeddings: the base does not tie its embeddings; nothing to untie")
+    _match_tied_targets(sources, loose, problems)
+    copies: list[BaseCopy] = []
+    if kind == "model":
+        _tied_sources(sources, arch, set(infos) | (set(loose) if untie else set()))
+    else:
+        copies = _take_base_copies(sources, loose, base is not None, notes)
 
     if spec.merge_mode == "strict":
         sets = [set(s.contributions) for s in sources]
@@ -138,25 +186,40 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
                 break
 
     tensors: list[TensorPlan] = []
-    infos: dict[str, TensorInfo] = reference.infos() if reference is not None else {}
+    untied: list[str] = []
     if kind == "adapter":
         names = sorted({n for s in sources for n, c in s.contributions.items()})
     else:
         names = list(infos)
-        orphans = sorted({n for s in sources for n in s.contributions} - set(infos))
-        tied = dict(arch.tied_weights(config))
+        if untie:
+            untied = [n for n in loose if _pattern_reason(n, [], spec.exclude) is None]
+            names += untied
+            notes += [f"{n}: the output is untied (untie_word_embeddings): {n} is written as its own tensor, "
+                      f"merged from each source's {n} (a source that ties it: its {loose[n]}) on the base's "
+                      f"{loose[n]}; config.json says tie_word_embeddings: false" for n in untied]
+        orphans = sorted({n for s in sources for n in s.contributions} - set(names))
         for name in orphans:
-            if name in tied:
-                problems.append(f"{name}: a source changes it, but the base ties it to {tied[name]} and does not "
-                                "store it; merge that tensor instead, or exclude it")
+            who = ", ".join(s.name for s in sources if name in s.contributions)
+            reason = _pattern_reason(name, spec.include, spec.exclude)
+            if name in loose and reason:
+                notes.append(f"{name}: left out ({reason}): the base ties it to {loose[name]} and the output "
+                             f"stays tied, so the {name} of {who} is not used")
+            elif name in loose:
+                problems.append(
+                    f"{name}: a source changes it, but the base ties it to {loose[name]} and does not store it "
+                    f"(changed by {who}); exclude it to keep the output tied (exclude: ['{name}'], or "
+                    f"--exclude '{name}'), or write an untied output that keeps the sources' {name} "
+                    "(untie_word_embeddings: true, or --untie-embeddings)"
+                )
             else:
                 notes.append(f"{name}: left out: in a source but not in the base model")
     for name in names:
         contributions = [s.contributions.get(name) for s in sources]
         present = [c for c in contributions if c is not None]
-        info = infos.get(name)
+        base_key = loose.get(name)
+        info = infos.get(base_key or name)
         shape, dtype = (info.shape, info.dtype) if info else _shape_from_sources(sources, contributions, name)
-        plan = TensorPlan(name, shape, dtype, arch.layer_index(name), "merge", contributions)
+        plan = TensorPlan(name, shape, dtype, arch.layer_index(name), "merge", contributions, base_key=base_key)
         if kind == "adapter":
             plan.module = _module_of(sources, contributions, name)
         reason = _pattern_reason(name, spec.include, spec.exclude)
@@ -183,7 +246,58 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
                         "of the same architecture as the base, and do include/exclude leave anything?")
     if problems:
         raise MergeError("; ".join(problems))
-    return MergePlan(spec, base, sources, tensors, kind, arch, method, notes)
+    return MergePlan(spec, base, sources, tensors, kind, arch, method, notes, untied, copies)
+
+
+def _match_tied_targets(sources: list[Source], loose: dict[str, str], problems: list[str]) -> None:
+    """Adapter tensors that match no stored base tensor may change a tied one (a LoRA on the
+    ``lm_head`` of a base that ties it); the rest are reported, one per source."""
+    for s in sources:
+        for target, c in s.unresolved.items():
+            name = resolve_name(target, set(loose))
+            if name is not None:
+                s.contributions[name] = c
+                continue
+            problems.append(f"source {s.name} ({s.spec.path}): adapter tensor {target!r} matches no tensor of the "
+                            "base model; is this adapter for this base?")
+            break
+
+
+def _tied_sources(sources: list[Source], arch: Architecture, wanted: set[str]) -> None:
+    """A full-model source that ties a tensor (``lm_head`` to the embeddings) and does not store
+    it provides the tensor it is tied to, for every tied tensor the output holds."""
+    for s in sources:
+        if s.is_adapter:
+            continue
+        for name, partner in arch.tied_weights(getattr(s.reader, "model_config", None)):
+            if name in wanted and name not in s.contributions and partner in s.contributions:
+                s.contributions[name] = s.contributions[partner]
+
+
+def _take_base_copies(sources: list[Source], loose: dict[str, str], has_base: bool,
+                      notes: list[str]) -> list[BaseCopy]:
+    """Adapter output: an adapter's saved ``base_layer`` copy can only be the base's own tensor
+    (a LoRA cannot carry a change of it), so the adapter's delta is taken against the base. The
+    copies are returned to be checked against the base before anything is written; without a
+    base they are assumed to be it, with a note."""
+    copies: list[BaseCopy] = []
+    for i, s in enumerate(sources):
+        mine = []
+        for name, c in list(s.contributions.items()):
+            key = c.copy if c.kind == "delta" else (c.key if c.kind == "base_copy" else None)
+            if key is None:
+                continue
+            mine.append(BaseCopy(name, loose.get(name, name), i, key))
+            if c.kind == "delta":
+                s.contributions[name] = Contribution("delta", c.key)
+            else:
+                del s.contributions[name]
+        if mine and not has_base:
+            more = f" and {len(mine) - 1} more" if len(mine) > 1 else ""
+            notes.append(f"source {s.name}: its saved base_layer copy {mine[0].key!r}{more} is taken to be the base "
+                         "model's own tensor (no base_model to check it against)")
+        copies += mine
+    return copies if has_base else []
 
 
 def _shape_from_sources(sources: list[Source], contributions: list[Contribution | None],
@@ -191,8 +305,8 @@ def _shape_from_sources(sources: list[Source], contributions: list[Contribution 
     for s, c in zip(sources, contributions):
         if c is None:
             continue
-        if c.kind in ("weight", "replacement"):
-            info = s.reader.infos()[c.key]
+        if c.kind in ("weight", "replacement", "base_copy") or c.copy is not None:
+            info = s.reader.infos()[c.key if c.copy is None else c.copy]
             return info.shape, info.dtype
         reader = s.reader
         mod, role = reader.targets()[c.key]
@@ -213,8 +327,10 @@ def _check_shapes(plan: TensorPlan, sources: list[Source], problems: list[str]) 
     for s, c in zip(sources, plan.contributions):
         if c is None:
             continue
-        if c.kind in ("weight", "replacement"):
-            shape = s.reader.infos()[c.key].shape
+        if c.copy is not None:
+            _check_shape(plan, s, s.reader.infos()[c.copy].shape, problems)
+        if c.kind in ("weight", "replacement", "base_copy"):
+            _check_shape(plan, s, s.reader.infos()[c.key].shape, problems)
         else:
             reader = s.reader
             mod, role = reader.targets()[c.key]
@@ -227,11 +343,13 @@ def _check_shapes(plan: TensorPlan, sources: list[Source], problems: list[str]) 
                     f"{plan.name}: source {s.name} changes it with a LoRA of shape "
                     f"({f.B.shape[0]} x {f.A.shape[1]}), but the tensor is {list(plan.shape)}"
                 )
-            continue
-        if tuple(shape) != tuple(plan.shape):
-            hint = (" (embedding matrices of different vocabulary sizes: exclude the tensor to keep the "
-                    "base's, or resize the models first)") if len(shape) == 2 and shape[1:] == plan.shape[1:] else ""
-            problems.append(f"{plan.name}: source {s.name} has shape {list(shape)}, expected {list(plan.shape)}{hint}")
+
+
+def _check_shape(plan: TensorPlan, s: Source, shape: tuple[int, ...], problems: list[str]) -> None:
+    if tuple(shape) != tuple(plan.shape):
+        hint = (" (embedding matrices of different vocabulary sizes: exclude the tensor to keep the "
+                "base's, or resize the models first)") if len(shape) == 2 and shape[1:] == plan.shape[1:] else ""
+        problems.append(f"{plan.name}: source {s.name} has shape {list(shape)}, expected {list(plan.shape)}{hint}")
 
 
 def _check_adapter_output(tensors: list[TensorPlan], sources: list[Source], base: Any,

@@ -137,9 +137,18 @@ def _fingerprint(path: Path, full: bool) -> dict[str, Any]:
     return {"size": size, "header_sha256": digest}
 
 
-def input_hashes(plan: MergePlan, full: bool = False) -> dict[str, dict[str, Any]]:
+def input_hashes(plan: MergePlan, full: bool = False,
+                 progress: Callable[..., None] | None = None) -> dict[str, dict[str, Any]]:
     readers = ([plan.base] if plan.base is not None else []) + [s.reader for s in plan.sources]
-    return {str(p): _fingerprint(p, full) for r in readers for p in r.files()}
+    files = [p for r in readers for p in r.files()]
+    if progress:
+        progress("phase", label="hashing inputs", total=len(files))
+    out = {}
+    for p in files:
+        out[str(p)] = _fingerprint(p, full)
+        if progress:
+            progress("step", name=p.name)
+    return out
 
 
 def versions(host: PluginHost, comps: Components) -> dict[str, str | None]:
@@ -248,7 +257,7 @@ def run_merge(
                                   compute_dtype=spec.compute_dtype, allow_nonfinite=allow_nonfinite,
                                   warn=warnings.append)
             if comps.method.needs_prepare:
-                merger.state = comps.method.prepare(EnginePrepareContext(merger, host), comps.params)
+                merger.state = comps.method.prepare(EnginePrepareContext(merger, host, progress), comps.params)
             out_path = write_to = spec.output.path
             staging: Path | None = None
             if write_bundle:  # written under a hidden name, published whole when the merge succeeded
@@ -279,7 +288,7 @@ def run_merge(
                             for s in plan.sources],
                 "base_model": str(spec.base_model) if spec.base_model else None,
                 "output": {"kind": plan.output_kind, "path": str(out_path) if save else None, "sha256": hashes},
-                "inputs": input_hashes(plan, hash_inputs) if write_bundle else {},
+                "inputs": input_hashes(plan, hash_inputs, progress) if write_bundle else {},
                 "report": report,
                 "warnings": warnings,
                 "wall_time_s": round(time.time() - started, 3),

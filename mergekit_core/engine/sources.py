@@ -1,9 +1,11 @@
 """Open the base and the sources lazily, and say which output tensor each source provides, and how.
 
 A full checkpoint provides its tensors as weights. An adapter provides a dense delta for each
-base weight it changes, and full replacements for ``modules_to_save`` copies. Adapter module
-paths are relative to the class the adapter was trained on; they are matched to the base
-checkpoint's names by trying the common prefix rewrites, and every one must resolve.
+base weight it changes (applied to its saved ``base_layer`` copy of that weight, when it has
+one), and full replacements for ``modules_to_save`` copies. Adapter module paths are relative to
+the class the adapter was trained on; they are matched to the base checkpoint's names by trying
+the common prefix rewrites. Those that match no stored base tensor are kept in
+``Source.unresolved``: the plan matches them to tied tensors, or reports them.
 """
 
 from __future__ import annotations
@@ -26,11 +28,17 @@ class Contribution:
     """How one source provides one output tensor.
 
     ``kind``: ``weight`` (a full tensor read from the source), ``delta`` (an adapter's dense delta
-    of base tensor ``key``), ``replacement`` (a full tensor stored in an adapter under ``key``).
+    of base tensor ``key``), ``replacement`` (a full tensor stored in an adapter under ``key``),
+    ``base_copy`` (an adapter's saved ``base_layer`` copy, under ``key``, of a tensor it has no
+    delta for: the source's value of that tensor).
+
+    ``copy``: for a ``delta``, the key of the adapter's saved ``base_layer`` copy of the tensor;
+    the source's value is then ``copy + delta(copy)``, as peft loads it.
     """
 
     kind: str
     key: str
+    copy: str | None = None
 
 
 @dataclass
@@ -38,6 +46,8 @@ class Source:
     spec: SourceSpec
     reader: Any
     contributions: dict[str, Contribution] = field(default_factory=dict)
+    unresolved: dict[str, Contribution] = field(default_factory=dict)
+    """Adapter tensors (adapter-relative names) that match no tensor the base stores."""
 
     @property
     def name(self) -> str:
@@ -80,18 +90,18 @@ def open_sources(spec: MergeSpec, host: PluginHost) -> tuple[Any, list[Source]]:
 
 
 def _map_adapter(source: Source, reader: AdapterReader, base_names: set[str] | None) -> None:
-    entries = [(t, Contribution("delta", t)) for t in reader.targets()]
+    targets = reader.targets()
+    entries = [(t, Contribution("delta", t, reader.base_copies.get(t))) for t in targets]
+    entries += [(t, Contribution("base_copy", key)) for t, key in reader.base_copies.items() if t not in targets]
     entries += [(t, Contribution("replacement", key)) for t, key in reader.replacements.items()]
     for target, contribution in entries:
         name = target
         if base_names is not None:
             name = resolve_name(target, base_names)
             if name is None:
-                role = reader.targets().get(target, (None, "weight"))[1]
+                role = targets.get(target, (None, "weight"))[1]
                 if contribution.kind == "delta" and role == "bias" and reader.peft_type == "IA3":
                     continue  # IA3 scales a bias only where the module has one
-                raise MergeError(
-                    f"source {source.name} ({source.spec.path}): adapter tensor {target!r} matches no tensor "
-                    "of the base model; is this adapter for this base?"
-                )
+                source.unresolved[target] = contribution
+                continue
         source.contributions[name] = contribution

@@ -3,9 +3,12 @@
 Every formula follows shared/reference/peft-adapter-formats.md §1.5 (checked against peft 0.21.2
 in tests/test_peft_interop.py). Deltas are in the base weight's own layout and in float32.
 
-Full tensors saved beside the factors (``modules_to_save`` copies, embedding ``base_layer``
-copies, bias values with ``bias: all``) are *replacements* of base tensors, not deltas; they are
-listed in :attr:`AdapterReader.replacements` and never dropped silently.
+Full tensors saved beside the factors (``modules_to_save`` copies, bias values with
+``bias: all``) are *replacements* of base tensors, not deltas; they are listed in
+:attr:`AdapterReader.replacements` and never dropped silently. ``<module>.base_layer.weight`` /
+``.bias`` copies (saved when an embedding name is in ``target_modules``) are the wrapped layer's
+base weights: peft loads them into the base layer and applies the adapter on top, so they are
+listed apart, in :attr:`AdapterReader.base_copies`.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class AdapterReader:
         self.raw = self._open_weights()
         self.modules: dict[str, AdapterModule] = {}
         self.replacements: dict[str, str] = {}
+        self.base_copies: dict[str, str] = {}  # base tensor name -> key of its saved base_layer copy
         self._targets: dict[str, tuple[AdapterModule, str]] | None = None
         self._index_keys()
 
@@ -149,8 +153,8 @@ class AdapterReader:
     def _index_replacement(self, key: str, rel: str) -> None:
         cfg = self.config
         module, _, leaf = rel.rpartition(".")
-        if module.endswith(".base_layer"):  # embedding copy saved with the adapter
-            self.replacements[f"{module.removesuffix('.base_layer')}.{leaf}"] = key
+        if module.endswith(".base_layer"):
+            self.base_copies[f"{module.removesuffix('.base_layer')}.{leaf}"] = key
         elif cfg.saves_module(module):
             self.replacements[rel] = key
         elif leaf == "bias" and cfg.bias in ("all", "lora_only"):
