@@ -227,6 +227,19 @@ class MergeConfig:
             raise ConfigError(f"{where}: " + "; ".join(problems))
         return cls(data, path)
 
+    def method_params_with(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The config's ``method_params`` with ``params`` (from the command line) winning.
+
+        Raises:
+            ConfigError: the config's ``method_params`` is not a mapping.
+        """
+        existing = self.data.get("method_params") or {}
+        if not isinstance(existing, Mapping):
+            where = str(self.path) if self.path else "config"
+            raise ConfigError(f"{where}: method_params must be a mapping of parameter names to values, "
+                              f"got {type(existing).__name__}")
+        return {**existing, **params}
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> MergeConfig:
         """Flags win over the file: ``{"method": "ties", "output.path": "out"}``."""
         data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.data.items()}

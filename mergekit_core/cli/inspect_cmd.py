@@ -41,6 +41,7 @@ def describe_path(path: Path, host: PluginHost) -> dict[str, Any]:
             "modules": len(reader.modules),
             "base_tensors_changed": len(reader.targets()),
             "replacements": sorted(reader.replacements),
+            "base_layer_copies": sorted(reader.base_copies),
             "base_model_name_or_path": config.base_model_name_or_path,
         }
     elif getattr(reader, "model_config", None):

@@ -243,8 +243,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if method_params:
             from mergekit_core.config import load_merge_config
 
-            existing = (load_merge_config(config_path).data.get("method_params") or {}) if config_path else {}
-            overrides["method_params"] = {**existing, **method_params}
+            overrides["method_params"] = (load_merge_config(config_path).method_params_with(method_params)
+                                          if config_path else method_params)
         if config_path is None and not all_sources:
             raise UsageError("nothing to merge: give a config file or --sources", hint="see 'mk merge --help'")
         spec = build_spec(config_path, overrides)

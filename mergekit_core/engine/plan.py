@@ -238,7 +238,7 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
         if plan.action == "merge":
             _check_shapes(plan, sources, problems)
         tensors.append(plan)
-    if kind == "adapter":
+    if kind == "adapter" and all(s.is_adapter for s in sources):  # else _output_kind said why
         _check_adapter_output(tensors, sources, base, problems)
     if tensors and not any(t.action == "merge" for t in tensors) and not problems:
         reasons = sorted({t.reason for t in tensors if t.reason})

@@ -25,7 +25,7 @@ def _spec(config: Path | None, sources: list[str], base: str | None, params: dic
     if sources:
         overrides["sources"] = [_absolute(s) for s in sources]
     if params:
-        overrides["method_params"] = {**(cfg.data.get("method_params") or {}), **params}
+        overrides["method_params"] = cfg.method_params_with(params)
     if config is None and not sources:
         raise UsageError("nothing to compress: give a config file or --sources", hint="see 'mk svd-hybrid compress --help'")
     return cfg.with_overrides(overrides).to_spec()

@@ -1,0 +1,30 @@
+"""Inputs that used to escape as tracebacks, found by the property tests and by review."""
+
+from __future__ import annotations
+
+from mergekit_core.testing import fresh_host, run_mk
+
+HOST = fresh_host(entry_points=True)
+
+
+def test_an_adapter_output_from_full_models_is_one_error(tmp_path, models):
+    paths, _ = models
+    result = run_mk(["merge", "--method", "task_arithmetic", "--base", str(paths["base"]), "--sources",
+                     str(paths["ft1"]), str(paths["ft2"]), "--kind", "adapter", "--out", str(tmp_path / "o")],
+                    host=HOST)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "output.kind adapter needs every source to be an adapter; ft1 is a full model" in result.stderr
+
+
+def test_params_on_the_command_line_over_a_config_whose_method_params_is_not_a_mapping(tmp_path, models):
+    paths, _ = models
+    config = tmp_path / "c.yaml"
+    config.write_text(f"base_model: {paths['base']}\nsources: [{paths['ft1']}, {paths['ft2']}]\n"
+                      "method: task_arithmetic\nmethod_params: 0.3\n")
+    for command in (["merge", str(config), "-p", "lambda=0.2", "--dry-run"],
+                    ["svd-hybrid", "compress", str(config), "-p", "energy=0.9", "--out", str(tmp_path / "a")]):
+        if command[0] == "svd-hybrid":
+            config.write_text(config.read_text().replace("task_arithmetic", "svd_hybrid"))
+        result = run_mk(command, host=HOST)
+        assert result.exit_code == 2, result.stderr
+        assert "method_params must be a mapping" in result.stderr and "Traceback" not in result.stderr
