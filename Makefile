@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m mk_digits.demo --out demo-output
+	$(BIN)/python -m mk_digits.benchmark --out demo-output
 
 test: install
 	$(BIN)/python -m pytest tests $(foreach d,$(PLUGIN_DIRS),$(d)tests) -q

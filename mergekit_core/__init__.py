@@ -6,12 +6,7 @@ Importing it never imports torch.
 
 from __future__ import annotations
 
-import importlib.metadata
-
-try:
-    __version__ = importlib.metadata.version("mergekit-core")
-except importlib.metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+from mergekit_core.version import __version__
 
 from mergekit_core.components import (  # noqa: E402
     REQUIRED,

@@ -16,7 +16,7 @@ from typing import Any
 _EXPORTS: dict[str, tuple[str, str]] = {
     # merging
     "run_merge": ("mergekit_core.engine.run", "run_merge: plan, choose lambdas, stream, record"),
-    "prepare_context": ("mergekit_core.engine.run", "the tensor groups a merge would see, without merging"),
+    "prepare_context": ("mergekit_core.engine.prepare", "the tensor groups a merge would see, without merging"),
     "MergeResult": ("mergekit_core.engine.run", "what run_merge returns"),
     # configs
     "MergeConfig": ("mergekit_core.config", "a validated config: from_dict, with_overrides, to_spec"),
@@ -45,9 +45,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "write_json": ("mergekit_core.outputs", "JSON written atomically"),
     "read_json": ("mergekit_core.outputs", "JSON read"),
     # evaluation
-    "make_setup": ("mergekit_core.evaluation.evaluate", "an evaluation setup from names and params"),
-    "setup_from_spec": ("mergekit_core.evaluation.evaluate", "the evaluation a config asks for"),
-    "score": ("mergekit_core.evaluation.evaluate", "one task's metrics of a model"),
+    "make_setup": ("mergekit_core.evaluation.scoring", "an evaluation setup from names and params"),
+    "setup_from_spec": ("mergekit_core.evaluation.scoring", "the evaluation a config asks for"),
+    "score": ("mergekit_core.evaluation.scoring", "one task's metrics of a model"),
     "individual_metric": ("mergekit_core.evaluation.evaluate", "a source's own metric, cached"),
     "evaluate_result": ("mergekit_core.evaluation.evaluate", "evaluate and record a finished merge"),
     "evaluate_merge": ("mergekit_core.evaluation.evaluate", "evaluate and record any merged model"),

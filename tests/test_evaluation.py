@@ -14,8 +14,9 @@ import torch
 
 from mergekit_core import Evaluator, Param, TaskInfo, hookimpl
 from mergekit_core.config import MergeConfig
-from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup
+from mergekit_core.evaluation.evaluate import evaluate_merge
 from mergekit_core.evaluation.index import append_index, read_index
+from mergekit_core.evaluation.scoring import make_setup
 from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices
 from mergekit_core.evaluation.sweep import read_journal, run_sweep
 from mergekit_core.io.readers import SafetensorsReader

@@ -26,7 +26,7 @@ HELP = (
 
 def _version(value: bool) -> None:
     if value:
-        from mergekit_core import __version__
+        from mergekit_core.version import __version__
 
         typer.echo(f"mk (mergekit-core) {__version__}")
         raise typer.Exit()

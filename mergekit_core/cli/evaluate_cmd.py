@@ -9,59 +9,9 @@ from typing import Any
 
 import typer
 
+from mergekit_core.cli.evaluation_view import eval_params, print_eval, print_sweep
 from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
-
-
-def print_eval(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{result['method']} on {result['split']}" + (f" ({result['subset']})" if result["subset"] else ""))
-    for col in ("task", "metric", "merged", "own model", "interference"):
-        table.add_column(col, overflow="fold")
-    for task, e in result["tasks"].items():
-        own = "-" if e["individual"] is None else f"{e['individual']:.4f}"
-        delta = "-" if e["interference_delta"] is None else f"{e['interference_delta']:+.4f}"
-        table.add_row(task, e["metric"], f"{e['value']:.4f}", own, delta)
-    Console().print(table)
-    s = result["summary"]
-    if s["mean_metric"] is not None:
-        typer.echo(f"mean {s['mean_metric']:.4f}" + (f", normalized {s['mean_normalized']:.4f}" if s["mean_normalized"] else "")
-                   + (f", worst interference {s['min_interference_delta']:+.4f}" if s["min_interference_delta"] is not None else ""))
-    written = result.get("written") or {}
-    for label, key in (("results", "results"), ("in the run bundle", "run_bundle"), ("index", "index")):
-        if written.get(key):
-            typer.echo(f"{label}: {written[key]}")
-
-
-def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
-    """The sweep's points, best first (the ranking criterion's score), with each task's metric."""
-    from rich.console import Console
-    from rich.table import Table
-
-    scored = sorted((r for r in result["points"] if r.get("score") is not None), key=lambda r: -r["score"])
-    tasks = list(result.get("eval_tasks") or [])
-    table = Table(title=f"sweep: {result['method']} on {result['split']}, ranked by {result['ranking']}")
-    for col in ("rank", "point", "score", "mean", *tasks):
-        table.add_column(col, overflow="fold", justify="left" if col == "point" else "right")
-    for rank, r in enumerate(scored[:limit], 1):
-        point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
-        table.add_row(str(rank), point, f"{r['score']:+.4f}", f"{r['summary']['mean_metric']:.4f}",
-                      *(f"{r['metrics'].get(t, float('nan')):.4f}" for t in tasks))
-    Console().print(table)
-    skipped = [r for r in result["points"] if r.get("score") is None]
-    more = len(scored) - limit
-    if more > 0:
-        typer.echo(f"{more} more points in the results file (or --json)")
-    if skipped:
-        typer.echo(f"{len(skipped)} points skipped ({skipped[0].get('skipped') or 'no score'})")
-
-
-def _evaluator_params(items: list[str]) -> dict[str, Any]:
-    from mergekit_core.cli.merge_cmd import _eval_params
-
-    return _eval_params(items)
 
 
 def register(app: typer.Typer, host: PluginHost) -> None:
@@ -82,7 +32,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                 raise UsageError(f"give one path to evaluate, got {len(paths)}")
             tasks = list(tasks) + paths[1:]
         from mergekit_core.config import MergeConfig, SourceSpec
-        from mergekit_core.evaluation.evaluate import evaluate_merge, make_setup, setup_from_spec
+        from mergekit_core.evaluation.evaluate import evaluate_merge
+        from mergekit_core.evaluation.scoring import make_setup, setup_from_spec
         from mergekit_core.outputs import read_json
 
         meta_path = path / "merge_metadata.json"
@@ -90,7 +41,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if meta_path.is_file():
             meta = read_json(meta_path)
             spec = MergeConfig.from_dict(meta["config"]).to_spec()
-            setup = setup_from_spec(host, spec, evaluator=evaluator, params=_evaluator_params(list(param or [])),
+            setup = setup_from_spec(host, spec, evaluator=evaluator, params=eval_params(param),
                                     tasks=tasks, split=split, subset=subset)
             model = meta["output"]["path"]
             if meta["output"]["kind"] != "model" or model is None:
@@ -101,7 +52,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         else:
             if not (path / "config.json").is_file() and not list(path.glob("*.safetensors")):
                 raise UsageError(f"{path}: neither a run bundle (merge_metadata.json) nor a model directory")
-            setup = make_setup(host, evaluator, _evaluator_params(list(param or [])), tasks, split, subset,
+            setup = make_setup(host, evaluator, eval_params(param), tasks, split, subset,
                                Path("artifacts"))
             result = evaluate_merge(setup, host, str(path), method="external", sources=[SourceSpec(path.name, path)],
                                     base_model=None, combo_dir=Path("artifacts") / "merged" / "external" / path.name,

@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from mergekit_core.cli.evaluation_view import eval_params, print_eval
 from mergekit_core.config import parse_key_values
 from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
@@ -17,12 +18,6 @@ EPILOG = (
     "Examples:  mk merge configs/merge_weighted_scalar.yaml  |  "
     "mk merge --method task_arithmetic --base BASE --adapters A B --lambda 0.3 --out merged/"
 )
-
-
-def _eval_params(items: list[str] | None) -> dict[str, Any]:
-    """``--eval-param k=v``; values naming an existing relative path become absolute (cwd)."""
-    return {k: (str(Path(v).absolute()) if isinstance(v, str) and v and Path(v).exists() else v)
-            for k, v in parse_key_values(list(items or [])).items()}
 
 
 def _absolute(path: str | None) -> str | None:
@@ -112,13 +107,15 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
     from rich.markup import escape
     from rich.table import Table
 
+    from mergekit_core.engine.lambdas import lambda_values
     from mergekit_core.engine.plan import build_plan
-    from mergekit_core.engine.run import lambda_values, resolve_components
+    from mergekit_core.engine.resolve import resolve_components
+    from mergekit_core.engine.run import merged_weights
 
     comps = resolve_components(spec, host)
     plan = build_plan(spec, host, comps.method)
     try:
-        values = lambda_values(plan, comps, host)
+        values = lambda_values(plan, comps, host, merged_weights(spec, host))
         console = Console()
         console.print(f"[bold]dry run[/]: {comps.method.name} of {len(plan.sources)} sources "
                       f"-> {plan.output_kind}" + (f" at {spec.output.path}" if spec.output.path else ""))
@@ -249,7 +246,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             raise UsageError("nothing to merge: give a config file or --sources", hint="see 'mk merge --help'")
         spec = build_spec(config_path, overrides)
         if dry_run:
-            from mergekit_core.engine.run import check_outputs
+            from mergekit_core.engine.write import check_outputs
 
             check_outputs(spec, force=force)
             info = print_plan(spec, host)
@@ -260,9 +257,9 @@ def register(app: typer.Typer, host: PluginHost) -> None:
 
         setup = None
         if eval_tasks:  # checked before merging, like everything else
-            from mergekit_core.evaluation.evaluate import setup_from_spec
+            from mergekit_core.evaluation.scoring import setup_from_spec
 
-            setup = setup_from_spec(host, spec, evaluator=evaluator, params=_eval_params(eval_param),
+            setup = setup_from_spec(host, spec, evaluator=evaluator, params=eval_params(eval_param),
                                     tasks=list(eval_tasks), split=split or spec.sweep.get("split") or "test")
         show = not quiet and not as_json and sys.stderr.isatty()
         bar = RichProgress() if show else None
@@ -307,6 +304,4 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             lines.append(f"warning: {w}")
         typer.echo("\n".join(lines))
         if evaluation is not None:
-            from mergekit_core.cli.evaluate_cmd import print_eval
-
             print_eval(evaluation)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mergekit_core.components import TensorGroup
-from mergekit_core.engine.compute import TensorMerger
+from mergekit_core.engine.merger import TensorMerger
 from mergekit_core.engine.plan import MergePlan, TensorPlan
 from mergekit_core.errors import MergeError
 from mergekit_core.io.lowrank import Truncation, concat_factors, factored_svd_truncate, svd_truncate

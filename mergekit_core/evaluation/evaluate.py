@@ -19,88 +19,20 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mergekit_core.components import Evaluator, TaskInfo
-from mergekit_core.config import MergeSpec, SourceSpec, safe_name
-from mergekit_core.errors import ConfigError
+from mergekit_core.components import TaskInfo
+from mergekit_core.config import MergeConfig, MergeSpec, SourceSpec, safe_name
+from mergekit_core.engine.run import MergeResult, run_merge
 from mergekit_core.evaluation.index import append_index, find_latest
-from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices
+from mergekit_core.evaluation.scoring import EvalSetup, score
 from mergekit_core.outputs import write_json
 from mergekit_core.plugins import PluginHost
-
-if TYPE_CHECKING:  # pragma: no cover
-    from mergekit_core.engine.run import MergeResult
-
-
-@dataclass
-class EvalSetup:
-    evaluator: Evaluator
-    params: dict[str, Any]
-    tasks: list[TaskInfo]
-    split: str
-    subset: SubsetSpec | None
-    output_dir: Path
-
-    @property
-    def subset_cache(self) -> Path:
-        return self.output_dir / "eval_subsets"
-
-
-def make_setup(host: PluginHost, evaluator: str | None, evaluator_params: Mapping[str, Any] | None,
-               tasks: Sequence[str] | None, split: str, subset: Mapping[str, Any] | None,
-               output_dir: Path) -> EvalSetup:
-    """Resolve the evaluator and check the task names, before anything is merged."""
-    if not evaluator:
-        names = ", ".join(host.names("evaluator")) or "none installed"
-        raise ConfigError(f"evaluation needs an evaluator (evaluator: NAME); installed: {names}",
-                          hint="the digits benchmark's evaluator comes with: pip install mk-digits")
-    comp: Evaluator = host.get("evaluator", evaluator)
-    params = comp.resolve_params(dict(evaluator_params or {}))
-    known = {t.name: t for t in comp.tasks(params)}
-    chosen = list(tasks) if tasks else list(known)
-    unknown = [t for t in chosen if t not in known]
-    if unknown:
-        raise ConfigError(f"unknown task '{unknown[0]}' for evaluator {evaluator}; its tasks: {', '.join(known)}")
-    return EvalSetup(comp, params, [known[t] for t in chosen], split, SubsetSpec.from_config(subset), Path(output_dir))
-
-
-def setup_from_spec(host: PluginHost, spec: MergeSpec, *, evaluator: str | None = None,
-                    params: Mapping[str, Any] | None = None, tasks: Sequence[str] | None = None,
-                    split: str | None = None, subset: Mapping[str, Any] | None = None) -> EvalSetup:
-    """The evaluation a config asks for (``evaluator``, ``evaluator_params``, ``eval_tasks``,
-    ``split``, ``eval_subset``), with what the command line gives taking precedence."""
-    sweep = spec.sweep
-    return make_setup(host, evaluator or sweep.get("evaluator"),
-                      {**(sweep.get("evaluator_params") or {}), **(params or {})},
-                      tasks or sweep.get("eval_tasks"), split or sweep.get("split", "validation"),
-                      subset if subset is not None else sweep.get("eval_subset"), spec.output_dir)
-
-
-def score(setup: EvalSetup, model: Any, task: TaskInfo) -> tuple[dict[str, float], str | None]:
-    """The evaluator's metrics of ``model`` on one task, on the configured subset."""
-    indices, key = None, None
-    if setup.subset is not None:
-        try:
-            labels = setup.evaluator.labels(task.name, setup.split, setup.params)
-        except NotImplementedError:
-            labels = None
-        size = len(labels) if labels is not None else None
-        if size is None:
-            raise ConfigError(f"eval_subset needs {setup.evaluator.label} to list the labels of its splits")
-        indices, key = subset_indices(setup.subset, task.name, setup.split, labels, size, setup.subset_cache)
-    metrics = setup.evaluator.evaluate(model, task.name, setup.split, indices, setup.params)
-    if task.metric not in metrics:
-        raise ConfigError(f"{setup.evaluator.label} returned no '{task.metric}' for task {task.name}")
-    return metrics, key
 
 
 def source_model(host: PluginHost, source: SourceSpec, base_model: Path | None) -> dict[str, Any]:
     """A source's own weights in memory: a full checkpoint as is, an adapter applied to the base."""
-    from mergekit_core.config import MergeConfig
-    from mergekit_core.engine import run_merge
 
     data: dict[str, Any] = {"sources": [{"name": source.name, "path": str(source.path)}], "method": "uniform",
                             "output": {"kind": "model"}}

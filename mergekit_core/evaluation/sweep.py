@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core.config import MergeConfig, MergeSpec
-from mergekit_core.engine.run import input_paths, resolve_components, run_merge
+from mergekit_core.engine.resolve import resolve_components
+from mergekit_core.engine.run import run_merge
+from mergekit_core.engine.write import input_paths
 from mergekit_core.errors import ConfigError
+from mergekit_core.evaluation.evaluate import evaluate_result
+from mergekit_core.evaluation.scoring import EvalSetup, setup_from_spec
 from mergekit_core.io.destination import check_inside_nothing
-from mergekit_core.evaluation.evaluate import EvalSetup, evaluate_result, setup_from_spec
 from mergekit_core.outputs import combo_dir, write_json
 from mergekit_core.plugins import PluginHost
 

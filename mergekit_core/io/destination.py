@@ -275,7 +275,7 @@ class AtomicDirectory:
             raise
 
     def _write_marker(self) -> None:
-        from mergekit_core import __version__
+        from mergekit_core.version import __version__
 
         assert self.tmp is not None
         files = sorted(p.name for p in self.tmp.iterdir())

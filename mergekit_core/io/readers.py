@@ -85,7 +85,7 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor. Some readers hand out views that later reads share (memory-mapped torch
-        files): never modify it in place without copying (see engine.compute.own)."""
+        files): never modify it in place without copying (see engine.merger.own)."""
         raise NotImplementedError
 
     def files(self) -> list[Path]:

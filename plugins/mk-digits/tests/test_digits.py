@@ -130,7 +130,7 @@ broken_plugin.mk_merge_methods.__name__ = "mk_merge_methods"
 
 
 def test_demo_table(tmp_path):
-    from mk_digits.demo import print_table, run_benchmark, write_outputs
+    from mk_digits.benchmark import print_table, run_benchmark, write_outputs
 
     host = fresh_host({"broken": broken_plugin}, entry_points=True)
     report = run_benchmark(tmp_path, host, quick=True, log=lambda m: None)

@@ -5,7 +5,7 @@ Also runs one small sweep (task arithmetic's lambda on the validation split, ran
 task's interference) to show the search loop. Writes the table as JSON and, when matplotlib is
 installed, as a PNG bar chart, in ``<out>/digits-benchmark/``.
 
-    python -m mk_digits.demo [--out demo-output] [--quick]
+    python -m mk_digits.benchmark [--out demo-output] [--quick]
 """
 
 from __future__ import annotations

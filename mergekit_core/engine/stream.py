@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.engine.compute import TensorMerger
+from mergekit_core.engine.merger import TensorMerger
 from mergekit_core.engine.plan import TensorPlan
 from mergekit_core.io.dtypes import all_finite, check_finite, torch_dtype
 from mergekit_core.io.safetensors_header import TensorInfo

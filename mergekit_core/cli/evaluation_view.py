@@ -1,0 +1,62 @@
+"""What the commands that evaluate share: evaluator parameters from the command line, and the
+tables of an evaluation and of a sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from mergekit_core.config import parse_key_values
+
+
+def eval_params(items: list[str] | None) -> dict[str, Any]:
+    """``--eval-param k=v``; values naming an existing relative path become absolute (cwd)."""
+    return {k: (str(Path(v).absolute()) if isinstance(v, str) and v and Path(v).exists() else v)
+            for k, v in parse_key_values(list(items or [])).items()}
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['method']} on {result['split']}" + (f" ({result['subset']})" if result["subset"] else ""))
+    for col in ("task", "metric", "merged", "own model", "interference"):
+        table.add_column(col, overflow="fold")
+    for task, e in result["tasks"].items():
+        own = "-" if e["individual"] is None else f"{e['individual']:.4f}"
+        delta = "-" if e["interference_delta"] is None else f"{e['interference_delta']:+.4f}"
+        table.add_row(task, e["metric"], f"{e['value']:.4f}", own, delta)
+    Console().print(table)
+    s = result["summary"]
+    if s["mean_metric"] is not None:
+        typer.echo(f"mean {s['mean_metric']:.4f}" + (f", normalized {s['mean_normalized']:.4f}" if s["mean_normalized"] else "")
+                   + (f", worst interference {s['min_interference_delta']:+.4f}" if s["min_interference_delta"] is not None else ""))
+    written = result.get("written") or {}
+    for label, key in (("results", "results"), ("in the run bundle", "run_bundle"), ("index", "index")):
+        if written.get(key):
+            typer.echo(f"{label}: {written[key]}")
+
+
+def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
+    """The sweep's points, best first (the ranking criterion's score), with each task's metric."""
+    from rich.console import Console
+    from rich.table import Table
+
+    scored = sorted((r for r in result["points"] if r.get("score") is not None), key=lambda r: -r["score"])
+    tasks = list(result.get("eval_tasks") or [])
+    table = Table(title=f"sweep: {result['method']} on {result['split']}, ranked by {result['ranking']}")
+    for col in ("rank", "point", "score", "mean", *tasks):
+        table.add_column(col, overflow="fold", justify="left" if col == "point" else "right")
+    for rank, r in enumerate(scored[:limit], 1):
+        point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
+        table.add_row(str(rank), point, f"{r['score']:+.4f}", f"{r['summary']['mean_metric']:.4f}",
+                      *(f"{r['metrics'].get(t, float('nan')):.4f}" for t in tasks))
+    Console().print(table)
+    skipped = [r for r in result["points"] if r.get("score") is None]
+    more = len(scored) - limit
+    if more > 0:
+        typer.echo(f"{more} more points in the results file (or --json)")
+    if skipped:
+        typer.echo(f"{len(skipped)} points skipped ({skipped[0].get('skipped') or 'no score'})")

@@ -1,0 +1,30 @@
+"""The merge report: every output tensor accounted for (merged, copied and why, left out and
+why), how far the merge moved from the base, what was written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergekit_core.engine.plan import MergePlan
+from mergekit_core.engine.stream import StreamReport
+
+
+def report_dict(plan: MergePlan, report: StreamReport) -> dict[str, Any]:
+    return {
+        "merged": report.merged,
+        "copied": report.copied,
+        "dropped": report.dropped,
+        "bytes_written": report.bytes_written,
+        "relative_delta_norm": report.relative_delta_norm,
+        "nonfinite_written": report.nonfinite,
+        "left_out": {t.name: t.reason for t in plan.tensors if t.action == "drop"},
+        "copied_why": _count_reasons(plan, "copy"),
+        "notes": plan.notes,
+    }
+
+
+def _count_reasons(plan: MergePlan, action: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in plan.by_action(action):
+        counts[t.reason] = counts.get(t.reason, 0) + 1
+    return counts
