@@ -4,7 +4,8 @@ Generates synthetic Llama-shaped checkpoints (a base and 3 fine-tunes, fp16 or b
 Hugging Face models), then times, in one invocation and alternating the contenders:
 
 - ``loop``: safetensors ``safe_open``, one tensor at a time, the same float32 arithmetic,
-  ``save_file`` per shard (the baseline every merging tool starts from);
+  ``save_file`` per shard (the baseline every merging tool starts from); ``loop-...-durable``
+  also flushes each shard to disk, as mk does before it swaps its output into place;
 - ``mk-task_arithmetic`` and ``mk-uniform``: ``run_merge`` writing a sharded model;
 - ``mk-ties`` (trim_scope model: two extra passes to find the global threshold) and
   ``mk-dare_ties``, when the mk-ties plugin is installed; compared with the task-arithmetic loop.
@@ -99,8 +100,12 @@ def generate(root: Path, size_gb: float, dtype: str, sources: int = 3) -> Path:
     return root
 
 
-def run_loop(pool: Path, out: Path, method: str) -> None:
-    """The baseline: the simplest correct streaming merge a user would write by hand."""
+def run_loop(pool: Path, out: Path, method: str, durable: bool = False) -> None:
+    """The baseline: the simplest correct streaming merge a user would write by hand.
+
+    ``durable``: also flush every shard to disk (``fsync``), as mk does before it swaps an
+    output into place; the like-for-like contender for mk's wall time.
+    """
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -123,6 +128,10 @@ def run_loop(pool: Path, out: Path, method: str) -> None:
                     merged = base + 0.3 * acc
                 result[name] = merged.to(torch.bfloat16)
         save_file(result, str(out / shard))
+        if durable:
+            fd = os.open(out / shard, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
 
 
 def run_mk(pool: Path, out: Path, method: str) -> None:
@@ -145,7 +154,8 @@ def child(kind: str, pool: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     if kind.startswith("loop-"):
-        run_loop(pool, out, kind.removeprefix("loop-"))
+        method = kind.removeprefix("loop-")
+        run_loop(pool, out, method.removesuffix("-durable"), durable=method.endswith("-durable"))
     else:
         run_mk(pool, out, kind.removeprefix("mk-"))
     wall = time.perf_counter() - start
@@ -231,7 +241,7 @@ def main() -> None:
         rows = {}
         for method in args.methods.split(","):
             loop = f"loop-{method}" if method in LOOPS else "loop-task_arithmetic"
-            kinds = [loop, f"mk-{method}"] if loop not in rows else [f"mk-{method}"]
+            kinds = [loop, f"{loop}-durable", f"mk-{method}"] if loop not in rows else [f"mk-{method}"]
             runs: dict[str, list[dict]] = {k: [] for k in kinds}
             for _ in range(args.repeats):
                 for kind in kinds:
@@ -242,6 +252,8 @@ def main() -> None:
                               "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in runs[kind]), 1)}
             rows[f"mk-{method}"]["speed_vs_loop"] = round(rows[loop]["wall_s"] / rows[f"mk-{method}"]["wall_s"], 2)
             rows[f"mk-{method}"]["compared_with"] = loop
+            rows[f"mk-{method}"]["speed_vs_durable_loop"] = round(
+                rows[f"{loop}-durable"]["wall_s"] / rows[f"mk-{method}"]["wall_s"], 2)
         results["sizes"][f"{size:g}GB"] = {"input_bytes": nbytes, "runs": rows}
     print(json.dumps(results, indent=2))
     if args.json:

@@ -12,7 +12,7 @@ from typing import Any
 from mergekit_core.config import MergeSpec
 from mergekit_core.engine.merger import TensorMerger
 from mergekit_core.engine.plan import MergePlan
-from mergekit_core.engine.report import report_dict
+from mergekit_core.engine.report import adapter_report_dict, report_dict
 from mergekit_core.engine.stream import output_infos, stream_merge
 from mergekit_core.errors import UsageError
 from mergekit_core.io.destination import AtomicDirectory, check_destination, check_inside_nothing, relation
@@ -43,8 +43,13 @@ def check_outputs(spec: MergeSpec, *, save: bool = True, write_bundle: bool = Tr
 
 
 def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,
-             recipe: dict[str, Any], progress: Callable[..., None] | None, *, force: bool = False
-             ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+                 recipe: dict[str, Any], progress: Callable[..., None] | None, *, force: bool = False
+                 ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+    """Merge every tensor and write the output at ``out_path`` (None: keep the tensors in memory).
+
+    Returns ``(state dict or None, report, file -> sha256)``; ``recipe`` goes into every output
+    file's header.
+    """
     inputs = input_paths(spec)
     if plan.output_kind == "adapter":
         return write_adapter(plan, merger, spec, out_path, recipe, progress, inputs=inputs, force=force)
@@ -69,24 +74,16 @@ def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_pat
 
 
 def write_adapter(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,
-                     recipe: dict[str, Any], progress: Callable[..., None] | None, *,
-                     inputs: list[Path], force: bool) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+                  recipe: dict[str, Any], progress: Callable[..., None] | None, *,
+                  inputs: list[Path], force: bool) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+    """:func:`write_output` for an adapter output: merged LoRA factors, in the sources' dtype."""
     import torch
 
     from mergekit_core.engine.adapter_output import merge_adapters
     from mergekit_core.io.peft_writer import lora_keys, write_lora_adapter
 
     merged = merge_adapters(merger, spec.output.adapter_rank, progress)
-    report = {
-        "merged": len(merged.modules) + len(merged.full_tensors),
-        "copied": 0,
-        "dropped": len(plan.by_action("drop")) + len(plan.by_action("copy")),
-        "exact_modules": len(merged.exact),
-        "energy_kept": merged.energy_kept,
-        "energy_kept_per_module": merged.energy,
-        "left_out": {t.name: t.reason for t in plan.tensors if t.action != "merge"},
-        "notes": plan.notes,
-    }
+    report = adapter_report_dict(plan, merged)
     first = plan.sources[0].reader
     dtype = torch.float32
     if spec.output.dtype:
