@@ -91,7 +91,9 @@ def test_missing_config_file_and_unknown_method(tmp_path, models):
     result = run_mk(["merge", str(cfg), "--output-dir", str(tmp_path / "a")])
     assert result.exit_code == 2
     assert "unknown merge method 'ties'; installed: " in result.stderr
-    assert "hint: 'ties' is provided by the package mk-ties: pip install mk-ties" in result.stderr
+    assert ("hint: 'ties' comes from the mk-ties plugin in this project's plugins/ folder: "
+            "pip install -e plugins/mk-ties from a checkout") in result.stderr
+    assert "pip install mk-ties" not in result.stderr  # never a name the project does not publish
 
 
 def test_flags_override_the_config(tmp_path, models):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import types
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from mergekit_core import Evaluator, Param, TaskInfo, hookimpl
 from mergekit_core.config import MergeConfig
 from mergekit_core.evaluation.evaluate import evaluate_merge
-from mergekit_core.evaluation.index import append_index, read_index
+from mergekit_core.evaluation.index import read_index
 from mergekit_core.evaluation.scoring import make_setup
 from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices
 from mergekit_core.evaluation.sweep import read_journal, run_sweep
@@ -126,16 +125,26 @@ def test_subset_results_never_overwrite_full_split_results(tmp_path, models):
     assert subset_result["tasks"]["ft1"]["metrics"]["samples"] == 12
 
 
-def _writer(args):
-    path, worker = args
-    for i in range(25):
-        append_index(Path(path), [{"worker": worker, "i": i}])
+WRITER = """
+import sys
+from pathlib import Path
+from mergekit_core.evaluation.index import append_index
+for i in range(25):
+    append_index(Path(sys.argv[1]), [{"worker": int(sys.argv[2]), "i": i}])
+"""
 
 
 def test_index_stays_valid_under_concurrent_writers(tmp_path):
+    """Four processes append at once (separate interpreters: nothing to pickle, nothing to hang)."""
+    import subprocess
+    import sys
+
     path = tmp_path / "index.json"
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        pool.map(_writer, [(str(path), w) for w in range(4)])
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w)], stderr=subprocess.PIPE, text=True)
+             for w in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
     entries = json.loads(path.read_text())
     assert len(entries) == 100
     assert Counter(e["worker"] for e in entries) == {0: 25, 1: 25, 2: 25, 3: 25}

@@ -129,7 +129,8 @@ def test_unknown_component_lists_installed_and_names_the_package():
     with pytest.raises(UnknownComponentError) as err:
         host.get("merge_method", "ties")
     assert "installed: slerp, task_arithmetic, uniform, weighted, weighted_delta" in str(err.value)
-    assert "pip install mk-ties" in err.value.hint
+    assert err.value.hint == ("'ties' comes from the mk-ties plugin in this project's plugins/ folder: "
+                              "pip install -e plugins/mk-ties from a checkout")
     assert err.value.exit_code == 2
     with pytest.raises(UnknownComponentError, match="did you mean 'uniform'"):
         host.get("merge_method", "unifrom")

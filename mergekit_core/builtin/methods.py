@@ -33,6 +33,7 @@ class LinearMethod(MergeMethod):
 
 class Uniform(LinearMethod):
     name = "uniform"
+    aliases = ("simple_average",)  # FusionBench: the plain mean of the full weights
     description = "Mean of the sources (model soup); for adapters, the mean of their deltas."
     default_lambda_policy = "scalar"
 
@@ -43,6 +44,11 @@ class Uniform(LinearMethod):
 
 class Weighted(LinearMethod):
     name = "weighted"
+    # mergekit's linear and FusionBench's weighted_average: sum_t w_t theta_t / sum_t w_t, normalised by
+    # default, which is this method's default. Where they differ: with normalize: false and a base,
+    # they return sum_t w_t theta_t and this method theta_0 + sum_t w_t delta_t (the same without a
+    # base); weights summing to 0 are an error here; the weights come from the lambda policy.
+    aliases = ("linear", "weighted_average")
     description = "Weighted mean of the sources; weights come from the lambda policy (per_task by default)."
     default_lambda_policy = "per_task"
     params = (

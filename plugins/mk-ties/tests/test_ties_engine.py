@@ -124,7 +124,8 @@ def test_listed_with_every_parameter_documented():
 
 def test_without_the_plugin_ties_is_unknown_and_the_package_is_named():
     result = run_mk(["plugins", "show", "ties", "--kind", "merge_method"], host=fresh_host())
-    assert result.exit_code == 2 and "pip install mk-ties" in result.stderr
+    assert result.exit_code == 2 and "pip install -e plugins/mk-ties" in result.stderr
+    assert "pip install mk-ties" not in result.stderr
 
 
 # --------------------------------------------------------------------------- adapters
