@@ -294,3 +294,31 @@ def test_outputs_get_the_permissions_of_the_umask(tmp_path, models, lora_adapter
         for p in written:
             expected = (0o777 if p.is_dir() else 0o666) & ~mask
             assert stat.S_IMODE(os.stat(p).st_mode) == expected, (p, oct(os.stat(p).st_mode))
+
+
+# --------------------------------------------------------------------------- never, even with --force
+
+
+def test_force_never_replaces_home_the_working_directory_or_a_repository(tmp_path, models):
+    """A tester's `--out ~ --force` once replaced a whole home directory: some folders are never
+    replaced, whatever the flags say."""
+    paths, _ = models
+    home = _user_folder(tmp_path / "home" / "me")
+    repo = _user_folder(tmp_path / "repo")
+    (repo / ".git").mkdir()
+    work = _user_folder(tmp_path / "projects" / "work")
+    before = {p: _tree(p) for p in (home, repo, work)}
+    cases = [(home, "your home directory"), (home.parent, "contains your home directory"),
+             (repo, "a git repository"), (work, "the working directory"),
+             (work.parent, "contains the working directory")]
+    for out, why in cases:
+        done = subprocess.run(
+            [sys.executable, "-c", PERMISSION_SCRIPT, "022", "merge", "--method", "task_arithmetic",
+             *_pool_args(paths), "--out", str(out), "--output-dir", str(tmp_path / "art"), "--force"],
+            capture_output=True, text=True, cwd=work, env={**os.environ, "HOME": str(home)})
+        assert done.returncode == 2, (out, done.stderr)
+        assert why in done.stderr and "even with --force" in done.stderr and "Traceback" not in done.stderr
+    assert {p: _tree(p) for p in (home, repo, work)} == before
+    ok = _user_folder(tmp_path / "elsewhere")
+    assert _merge([*_pool_args(paths), "--out", str(ok), "--output-dir", str(tmp_path / "art"),
+                   "--force"]).exit_code == 0

@@ -10,7 +10,9 @@ any long work, and writes it through :class:`AtomicDirectory`:
 - an empty directory, or a previous output of ``mk`` (it holds :data:`MARKER`, and nothing but
   the files that marker lists), is replaced;
 - any other non-empty directory is refused unless ``force``; with ``force`` its entries are
-  returned so the caller can say what was replaced.
+  returned so the caller can say what was replaced;
+- never replaced, even with ``force``: the file system's root, the home directory and the
+  folders above it, the working directory and the folders above it, and git repositories.
 
 The new contents are written into a hidden temporary directory beside the destination and
 swapped in at the end (one ``renameat2(RENAME_EXCHANGE)`` on Linux, so an interrupted write
@@ -104,7 +106,8 @@ def check_destination(
 
     Raises:
         UsageError: ``dest`` is, contains or lies inside an input; ``dest`` is an existing file;
-            ``dest`` is a non-empty directory not written by ``mk`` and ``force`` is false.
+            ``dest`` is a non-empty directory not written by ``mk`` and ``force`` is false; or
+            ``dest`` is a non-empty root, home, working directory (or above) or git repository.
     """
     dest = Path(dest)
     for item in inputs:
@@ -127,6 +130,10 @@ def check_destination(
         raise UsageError(f"{what} {dest}: cannot list it ({exc.strerror})") from None
     if not entries:
         return []
+    protected = _protected(dest)
+    if protected:
+        raise UsageError(f"{what} {dest} is {protected}; mk never replaces it, even with --force",
+                         hint=f"choose a new directory for the {what}, e.g. {dest / 'merged'}")
     listed = _previous_output_files(dest)
     if listed is not None and set(entries) <= listed:
         return []
@@ -139,6 +146,27 @@ def check_destination(
             hint="choose a new directory, or pass --force to replace all of its contents",
         )
     return entries
+
+
+def _protected(dest: Path) -> str | None:
+    """Why replacing the existing directory ``dest`` would be a disaster whatever the flags say:
+    the file system's root, the home directory or a folder above it, the working directory or a
+    folder above it, or a git repository."""
+    target = resolve(dest)
+    if target == Path(target.anchor):
+        return "the root of the file system"
+    try:
+        home = resolve(Path.home())
+    except (RuntimeError, KeyError):  # no home directory known
+        home = None
+    if home is not None and (target == home or target in home.parents):
+        return "your home directory" if target == home else f"a folder that contains your home directory ({home})"
+    cwd = resolve(Path.cwd())
+    if target == cwd or target in cwd.parents:
+        return "the working directory" if target == cwd else "a folder that contains the working directory"
+    if (target / ".git").exists():
+        return "a git repository (it holds .git)"
+    return None
 
 
 def check_inside_nothing(dest: Path | str, inputs: Iterable[Path | str], what: str) -> None:
