@@ -67,7 +67,7 @@ def test_a_folder_mk_did_not_write_is_refused_then_replaced_only_with_force(tmp_
                      str(folder), "--output-dir", str(tmp_path / "art"), "--force", "--json"], host=HOST)
     assert forced.exit_code == 0, forced.stderr
     summary = json.loads(forced.stdout)
-    assert any("replaced the 2 entries" in w and "notes.txt" in w for w in summary["warnings"])
+    assert any("replaced 2 entries" in w and "notes.txt" in w for w in summary["warnings"])
     assert sorted(p.name for p in folder.iterdir()) == [MARKER, "config.json", "model.safetensors"]
 
 
@@ -322,3 +322,38 @@ def test_force_never_replaces_home_the_working_directory_or_a_repository(tmp_pat
     ok = _user_folder(tmp_path / "elsewhere")
     assert _merge([*_pool_args(paths), "--out", str(ok), "--output-dir", str(tmp_path / "art"),
                    "--force"]).exit_code == 0
+
+
+def test_a_run_bundle_or_an_artifact_is_not_a_previous_output_a_model_may_replace(tmp_path, models):
+    paths, _ = models
+    art = tmp_path / "art"
+    first = run_mk(["merge", "--method", "task_arithmetic", *_pool_args(paths), "--output-dir", str(art), "--json"],
+                   host=HOST)
+    run_dir = Path(json.loads(first.stdout)["run_dir"])
+    before = _tree(run_dir)
+    refused = _merge([*_pool_args(paths), "--out", str(run_dir), "--output-dir", str(tmp_path / "art2")])
+    _assert_one_line_error(refused, "it holds a run bundle, not a model mk may replace")
+    assert _tree(run_dir) == before
+    artifact = tmp_path / "artifact"
+    compress = ["svd-hybrid", "compress", "--base", str(paths["base"]), str(paths["ft1"]), str(paths["ft2"]), "-q"]
+    assert run_mk([*compress, "--out", str(artifact)], host=HOST).exit_code == 0
+    refused = _merge([*_pool_args(paths), "--out", str(artifact), "--output-dir", str(art)])
+    _assert_one_line_error(refused, "svd hybrid artifact")
+    model = tmp_path / "model"
+    assert _merge([*_pool_args(paths), "--out", str(model), "--output-dir", str(art)]).exit_code == 0
+    _assert_one_line_error(run_mk([*compress, "--out", str(model)], host=HOST), "holds a model")
+
+
+def test_a_file_above_the_output_is_one_clear_error(tmp_path, models):
+    paths, _ = models
+    (tmp_path / "plain").write_text("x")
+    result = _merge([*_pool_args(paths), "--out", str(tmp_path / "plain" / "sub"), "--output-dir", str(tmp_path / "a")])
+    _assert_one_line_error(result, "is a file, so no folder can be made inside it")
+
+
+def test_force_says_what_it_will_replace_before_it_does_even_when_quiet(tmp_path, models):
+    paths, _ = models
+    folder = _user_folder(tmp_path / "mine")
+    result = _merge([*_pool_args(paths), "--out", str(folder), "--output-dir", str(tmp_path / "a"), "--force"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: --force: 2 entries of" in result.stderr and "notes.txt" in result.stderr

@@ -96,8 +96,9 @@ def run_merge(
                 run_dir = new_run_dir(spec.output_dir, comps.method.name, spec.task_combo)
                 staging = stack.enter_context(AtomicDirectory(run_dir, kind="run_bundle", what="run bundle"))
             if replaced:
-                warnings.append(f"--force: replaced the {len(replaced)} entries of {out_path} ("
-                                + ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "") + ")")
+                warnings.append(f"--force: replaced {len(replaced)} {'entry' if len(replaced) == 1 else 'entries'} "
+                                f"of {out_path} (" + ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "")
+                                + ")")
             if save and out_path is None:
                 if run_dir is None or staging is None:
                     raise UsageError("nowhere to write the merge: give output.path (--out) or keep the run bundle")

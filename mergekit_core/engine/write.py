@@ -38,8 +38,9 @@ def check_outputs(spec: MergeSpec, *, save: bool = True, write_bundle: bool = Tr
     if write_bundle and relation(spec.output.path, spec.output_dir) in ("is", "contains"):
         raise UsageError(f"output {spec.output.path} {relation(spec.output.path, spec.output_dir)} the "
                          f"run-bundle root {spec.output_dir}; replacing it would delete the run records",
-                         hint="choose an output directory outside output_dir (--output-dir)")
-    return check_destination(spec.output.path, inputs=inputs, force=force)
+                         hint="choose another place for the output, outside output_dir (--output-dir)")
+    kind = "adapter" if spec.output.kind == "adapter" else "model"  # auto: either, they replace each other
+    return check_destination(spec.output.path, inputs=inputs, force=force, kind=kind)
 
 
 def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,

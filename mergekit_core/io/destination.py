@@ -79,16 +79,30 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask()
 
 
-def _previous_output_files(path: Path) -> set[str] | None:
-    """The files a previous ``mk`` output directory says it holds, or None if it is not one."""
+REPLACEABLE_BY = {"model": {"model", "adapter"}, "adapter": {"model", "adapter"}}
+"""Which kinds of previous output a new output of a kind may replace without ``force``: a merged
+model or adapter another merged model or adapter; an artifact or a pool only the same kind; a run
+bundle (a record) nothing."""
+
+
+def _previous_output(path: Path) -> tuple[str, set[str]] | None:
+    """(kind, files) of a previous ``mk`` output directory, or None if it is not one."""
     try:
         data = json.loads((path / MARKER).read_text())
-        files = data["files"]
-    except (OSError, ValueError, TypeError, KeyError):
+        files, kind = data["files"], data.get("kind", "output")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         return None
-    return set(files) | {MARKER}
+    return str(kind), set(files) | {MARKER}
+
+
+def _file_above(dest: Path) -> Path | None:
+    """The first existing folder-to-be above ``dest`` that is a file (``out.bin/merged``)."""
+    for parent in Path(dest).absolute().parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
 
 
 def check_destination(
@@ -97,10 +111,13 @@ def check_destination(
     inputs: Iterable[Path | str] = (),
     force: bool = False,
     what: str = "output",
+    kind: str = "output",
 ) -> list[str]:
     """Refuse a destination whose writing would replace something the user did not ask to replace.
 
     ``inputs``: every file or directory the command reads (base, sources, artifacts).
+    ``kind``: what will be written (``model``, ``adapter``, ``svd_hybrid_artifact``, ...); a
+    previous output of another kind needs ``force`` (:data:`REPLACEABLE_BY`).
     Returns the names of the entries of ``dest`` that only ``force`` lets the write replace (empty
     for a new or empty directory and for a previous output of ``mk``).
 
@@ -115,13 +132,17 @@ def check_destination(
         if rel is not None:
             raise UsageError(
                 f"{what} {dest} {rel} the input {item}; writing it would replace that input",
-                hint=f"choose an {what} directory outside every input",
+                hint=f"choose another place for the {what}, outside every input",
             )
     if dest.is_symlink() and not dest.exists():
         raise UsageError(f"{what} {dest} is a broken symbolic link", hint="remove it or choose another path")
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{what} {dest} is an existing file, not a directory",
                          hint="choose a directory name, or remove the file first")
+    blocking = _file_above(dest)
+    if blocking is not None:
+        raise UsageError(f"{what} {dest}: {blocking} is a file, so no folder can be made inside it",
+                         hint=f"choose another place for the {what}")
     if not dest.is_dir():
         return []
     try:
@@ -134,13 +155,17 @@ def check_destination(
     if protected:
         raise UsageError(f"{what} {dest} is {protected}; mk never replaces it, even with --force",
                          hint=f"choose a new directory for the {what}, e.g. {dest / 'merged'}")
-    listed = _previous_output_files(dest)
-    if listed is not None and set(entries) <= listed:
+    previous = _previous_output(dest)
+    if previous is not None and set(entries) <= previous[1] and previous[0] in REPLACEABLE_BY.get(kind, {kind}):
         return []
     if not force:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        why = ("it holds files the previous mk output did not write" if listed is not None
-               else "mk did not write it")
+        if previous is None:
+            why = "mk did not write it"
+        elif not set(entries) <= previous[1]:
+            why = "it holds files the previous mk output did not write"
+        else:
+            why = f"it holds a {previous[0].replace('_', ' ')}, not a {kind.replace('_', ' ')} mk may replace"
         raise UsageError(
             f"{what} {dest} is a non-empty directory and {why} ({shown})",
             hint="choose a new directory, or pass --force to replace all of its contents",
@@ -177,7 +202,7 @@ def check_inside_nothing(dest: Path | str, inputs: Iterable[Path | str], what: s
         rel = relation(dest, item)
         if rel in ("is", "lies inside"):
             raise UsageError(f"{what} {dest} {rel} the input {item}; mk would write into that input",
-                             hint=f"choose an {what} outside every input")
+                             hint=f"choose another place for the {what}, outside every input")
     if Path(dest).exists() and not Path(dest).is_dir():
         raise UsageError(f"{what} {dest} is an existing file, not a directory",
                          hint="choose a directory name, or remove the file first")
@@ -278,7 +303,8 @@ class AtomicDirectory:
                 shutil.rmtree(p, ignore_errors=True)
 
     def __enter__(self) -> Path:
-        self.replaced = check_destination(self.dest, inputs=self.inputs, force=self.force, what=self.what)
+        self.replaced = check_destination(self.dest, inputs=self.inputs, force=self.force, what=self.what,
+                                          kind=self.kind)
         if self.dest.is_symlink():
             self.dest = resolve(self.dest)
         self.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -296,7 +322,8 @@ class AtomicDirectory:
         try:
             self._write_marker()
             _settle_tree(self.tmp)
-            self.replaced = check_destination(self.dest, inputs=self.inputs, force=self.force, what=self.what)
+            self.replaced = check_destination(self.dest, inputs=self.inputs, force=self.force, what=self.what,
+                                              kind=self.kind)
             self._swap()
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)

@@ -132,7 +132,7 @@ def make_app(host: PluginHost) -> typer.Typer:
         paths = list(sources or []) + [p for p in inputs if not p.endswith((".yaml", ".yml"))]
         spec = _spec(configs[0] if configs else None, paths, base, params)
         inputs = ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
-        check_destination(out, inputs=inputs, force=force, what="artifact directory")
+        check_destination(out, inputs=inputs, force=force, what="artifact directory", kind="svd_hybrid_artifact")
         with prepare_context(spec, host) as (context, comps):
             total = len(context.plan.by_action("merge"))
             if comps.params["artifact_dir"]:

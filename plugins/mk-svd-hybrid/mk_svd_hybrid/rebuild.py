@@ -64,7 +64,7 @@ def reconstruct(artifact: Path | str, base_model: Path | str, out: Path | str, h
     rules of :func:`mergekit_core.io.destination.check_destination` (``force`` as there).
     """
     inputs = [Path(artifact), Path(base_model)]
-    check_destination(out, inputs=inputs, force=force)
+    check_destination(out, inputs=inputs, force=force, kind="model")
     reader = ArtifactReader(artifact)
     base = open_checkpoint(base_model, host)
     try:
