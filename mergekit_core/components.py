@@ -18,6 +18,7 @@ it, never at the top of the module, so that ``mk --help`` and ``mk plugins list`
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -35,6 +36,17 @@ class _Required:
 
 REQUIRED: Any = _Required()
 """Sentinel default of a parameter that the user must give."""
+
+
+def _has_nonfinite(value: Any) -> bool:
+    """NaN or infinity in a number, or in the numbers of a list or mapping (lambda lists)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_has_nonfinite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_has_nonfinite(v) for v in value.values())
+    return False
 
 
 @dataclass(frozen=True)
@@ -88,6 +100,8 @@ class Param:
                 raise ParameterError(
                     f"{owner}: parameter '{self.name}' must be {names}, got {value!r}"
                 )
+        if _has_nonfinite(value):
+            raise ParameterError(f"{owner}: parameter '{self.name}' must be a finite number, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise ParameterError(
                 f"{owner}: parameter '{self.name}' must be one of "

@@ -28,3 +28,23 @@ def test_params_on_the_command_line_over_a_config_whose_method_params_is_not_a_m
         result = run_mk(command, host=HOST)
         assert result.exit_code == 2, result.stderr
         assert "method_params must be a mapping" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_flags_are_one_error_line_not_a_panel():
+    for args, words in ((["merge", "--lambda", "abc"], "Invalid value for '--lambda'"),
+                        (["merge", "--bogus"], "No such option: --bogus"),
+                        (["nosuch"], "No such command 'nosuch'")):
+        result = run_mk(args, host=HOST)
+        assert result.exit_code == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert lines[0].startswith("Error: ") and words in lines[0], result.stderr
+        assert len(lines) == 2 and lines[1].startswith("hint: see 'mk") and "╭" not in result.stderr
+
+
+def test_a_non_finite_lambda_is_a_parameter_error(tmp_path, models):
+    paths, _ = models
+    for value in ("nan", "inf"):
+        result = run_mk(["merge", "--method", "task_arithmetic", "--base", str(paths["base"]), "--sources",
+                         str(paths["ft1"]), str(paths["ft2"]), "--lambda", value, "--out", str(tmp_path / "o")],
+                        host=HOST)
+        assert result.exit_code == 2 and "must be a finite number" in result.stderr

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import typer
 
-from mergekit_core.errors import MergekitError, MkDeprecationWarning
+from mergekit_core.errors import MergekitError, MkDeprecationWarning, UsageError
 from mergekit_core.plugins import PluginHost
 
 HELP = (
@@ -92,6 +92,9 @@ def report_error(error: MergekitError) -> None:
         console.print(f"[yellow]hint:[/] {escape(error.hint)}")
 
 
+COMMAND_LINE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+"""The command-line parser's base error (click's ``ClickException``, as typer ships it)."""
+
 _default_showwarning = warnings.showwarning
 _shown: set[str] = set()
 
@@ -117,7 +120,20 @@ def main(argv: Sequence[str] | None = None, host: PluginHost | None = None) -> N
             warnings.showwarning = _show_warning
             host = host if host is not None else PluginHost()
             app = build_app(host)
-            app(args=list(argv) if argv is not None else None, prog_name="mk")
+            code = app(args=list(argv) if argv is not None else None, prog_name="mk", standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
+        print("Aborted.", file=sys.stderr)
+        sys.exit(1)
+    except COMMAND_LINE_ERROR as error:  # bad flags or arguments: one line, like every other error
+        if type(error).__name__ == "NoArgsIsHelpError":  # the help is printed already
+            sys.exit(0)
+        if debug:
+            raise
+        context = getattr(error, "ctx", None)
+        where = context.command_path if context is not None else "mk"
+        report_error(UsageError(error.format_message(), hint=f"see '{where} --help'"))
+        sys.exit(2)
     except MergekitError as error:
         if debug:
             raise
