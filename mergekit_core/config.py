@@ -263,6 +263,13 @@ class MergeConfig:
         d, problems = self.data, []
         where = str(self.path) if self.path else "config"
         base_dir = self.path.parent if self.path else Path.cwd()
+        for key, value in (("base_model", d.get("base_model")), ("sources_root", d.get("sources_root")),
+                           ("output_dir", d.get("output_dir")),
+                           ("output.path", d["output"].get("path") if isinstance(d.get("output"), Mapping) else None)):
+            if value is not None and not isinstance(value, (str, Path)):
+                problems.append(f"{key}: must be a path (text), got {_shown(repr(value))}")
+        if problems:
+            raise ConfigError(f"{where}: " + "; ".join(problems))
         root = d.get("sources_root")
         sources = self._sources(d.get("sources"), base_dir, root, problems)
         base = d.get("base_model")
@@ -421,6 +428,31 @@ def parse_key_values(items: list[str], flag: str = "--param") -> dict[str, Any]:
     return out
 
 
+def _unique_key_loader() -> type:
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML would keep the
+    last silently, so ``method:`` given twice would merge with the method the user did not mean)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen: set[object] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_shown(key)!r}", key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_merge_config(path: Path | str) -> MergeConfig:
     """Read a YAML config safely; raise ConfigError naming the file on any problem."""
     import yaml
@@ -435,11 +467,13 @@ def load_merge_config(path: Path | str) -> MergeConfig:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not valid UTF-8); a config is YAML text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}") from None
+        problem = getattr(exc, "problem", None)
+        detail = f" ({problem})" if isinstance(problem, str) and problem.startswith("duplicate key") else ""
+        raise ConfigError(f"{path}: not valid YAML{where}{detail}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     except (ValueError, OverflowError) as exc:  # a value YAML cannot build: a date like 2024-13-01, a huge int

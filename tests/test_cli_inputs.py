@@ -48,3 +48,17 @@ def test_a_non_finite_lambda_is_a_parameter_error(tmp_path, models):
                          str(paths["ft1"]), str(paths["ft2"]), "--lambda", value, "--out", str(tmp_path / "o")],
                         host=HOST)
         assert result.exit_code == 2 and "must be a finite number" in result.stderr
+
+
+def test_a_key_written_twice_and_paths_that_are_not_text_are_config_errors(tmp_path, models):
+    paths, _ = models
+    config = tmp_path / "dup.yaml"
+    config.write_text(f"base_model: {paths['base']}\nsources: [{paths['ft1']}, {paths['ft2']}]\n"
+                      "method: task_arithmetic\nmethod: ties\n")
+    result = run_mk(["merge", str(config), "--dry-run"], host=HOST)
+    assert result.exit_code == 2 and "line 4 (duplicate key 'method')" in result.stderr
+    config.write_text(f"base_model: {paths['base']}\nsources: [{paths['ft1']}, {paths['ft2']}]\n"
+                      "method: task_arithmetic\noutput_dir: [a]\noutput: {path: 5}\n")
+    result = run_mk(["merge", str(config), "--dry-run"], host=HOST)
+    assert result.exit_code == 2 and "output_dir: must be a path" in result.stderr
+    assert "output.path: must be a path" in result.stderr and not (tmp_path / "['a']").exists()
