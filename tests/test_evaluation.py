@@ -307,3 +307,23 @@ def test_sweep_prints_the_ranked_table_and_evaluate_says_where_results_went(tmp_
     lines = {line.split(": ")[0]: line.split(": ", 1)[1] for line in shown.stdout.splitlines() if ": " in line}
     assert Path(lines["results"]).is_file() and Path(lines["index"]).is_file()
     assert Path(lines["in the run bundle"]).is_file()
+
+
+def test_ties_in_the_ranking_go_to_the_better_mean():
+    from mergekit_core.evaluation.sweep import _best
+
+    records = [{"point": {"lambda": 0.05}, "score": -0.3, "summary": {"mean_metric": 0.60}},
+               {"point": {"lambda": 0.1}, "score": -0.3, "summary": {"mean_metric": 0.64}},
+               {"point": {"lambda": 0.4}, "score": -0.5, "summary": {"mean_metric": 0.70}}]
+    assert _best(records)["point"] == {"lambda": 0.1}
+
+
+def test_evaluate_a_model_directory_writes_where_it_is_told(tmp_path, models, monkeypatch):
+    paths, _ = models
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "results"
+    result = run_mk(["evaluate", str(paths["ft1"]), "--evaluator", "toy", "--param",
+                     f"pool={paths['base'].parent}", "--output-dir", str(out), "--json"], host=HOST)
+    assert result.exit_code == 0, result.stderr
+    assert Path(json.loads(result.stdout)["written"]["index"]).is_relative_to(out)
+    assert not (tmp_path / "artifacts").exists()

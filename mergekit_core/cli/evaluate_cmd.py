@@ -23,6 +23,9 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         evaluator: str = typer.Option(None, "--evaluator", "-e", help="Evaluator (default: the run's)."),
         param: list[str] = typer.Option(None, "--param", "-p", help="Evaluator parameter KEY=VALUE (repeat)."),
         max_samples: int = typer.Option(None, "--max-samples", help="Evaluate a deterministic stratified subset."),
+        output_dir: Path = typer.Option(Path("artifacts"), "--output-dir",
+                                        help="Where results of a model directory go (a run bundle's go into "
+                                             "the bundle's own folder)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Evaluate a merged model on named tasks and record the results."""
@@ -34,7 +37,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         from mergekit_core.config import MergeConfig, SourceSpec
         from mergekit_core.evaluation.evaluate import evaluate_merge
         from mergekit_core.evaluation.scoring import make_setup, setup_from_spec
-        from mergekit_core.outputs import read_json
+        from mergekit_core.io.destination import check_inside_nothing
+        from mergekit_core.outputs import combo_dir, read_json
 
         meta_path = path / "merge_metadata.json"
         subset = {"max_samples": max_samples} if max_samples else None
@@ -52,10 +56,10 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         else:
             if not (path / "config.json").is_file() and not list(path.glob("*.safetensors")):
                 raise UsageError(f"{path}: neither a run bundle (merge_metadata.json) nor a model directory")
-            setup = make_setup(host, evaluator, eval_params(param), tasks, split, subset,
-                               Path("artifacts"))
+            check_inside_nothing(output_dir, [path], "results folder (--output-dir)")
+            setup = make_setup(host, evaluator, eval_params(param), tasks, split, subset, output_dir)
             result = evaluate_merge(setup, host, str(path), method="external", sources=[SourceSpec(path.name, path)],
-                                    base_model=None, combo_dir=Path("artifacts") / "merged" / "external" / path.name,
+                                    base_model=None, combo_dir=combo_dir(output_dir, "external", path.name),
                                     tag=path.name)
         if as_json:
             typer.echo(json.dumps(result, indent=2, default=str))

@@ -44,16 +44,25 @@ def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    scored = sorted((r for r in result["points"] if r.get("score") is not None), key=lambda r: -r["score"])
+    scored = sorted((r for r in result["points"] if r.get("score") is not None),
+                    key=lambda r: (-r["score"], -(r["summary"].get("mean_metric") or float("-inf"))))
+    console = Console()
     tasks = list(result.get("eval_tasks") or [])
+    per_task = console.width >= 48 + 9 * len(tasks)  # else one "worst task" column keeps the table legible
     table = Table(title=f"sweep: {result['method']} on {result['split']}, ranked by {result['ranking']}")
-    for col in ("rank", "point", "score", "mean", *tasks):
-        table.add_column(col, overflow="fold", justify="left" if col == "point" else "right")
+    for col in ("rank", "point", "score", "mean", *(tasks if per_task else ["worst task"])):
+        table.add_column(col, overflow="fold", justify="left" if col in ("point", "worst task") else "right")
     for rank, r in enumerate(scored[:limit], 1):
         point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
-        table.add_row(str(rank), point, f"{r['score']:+.4f}", f"{r['summary']['mean_metric']:.4f}",
-                      *(f"{r['metrics'].get(t, float('nan')):.4f}" for t in tasks))
-    Console().print(table)
+        metrics = r.get("metrics") or {}
+        if per_task:
+            cells = [f"{metrics.get(t, float('nan')):.4f}" for t in tasks]
+        else:
+            deltas = {t: d for t, d in (r.get("interference_delta") or {}).items() if d is not None}
+            worst = min(deltas, key=deltas.get) if deltas else min(metrics, key=metrics.get, default="-")
+            cells = [f"{worst} {metrics.get(worst, float('nan')):.4f}"]
+        table.add_row(str(rank), point, f"{r['score']:+.4f}", f"{r['summary']['mean_metric']:.4f}", *cells)
+    console.print(table)
     skipped = [r for r in result["points"] if r.get("score") is None]
     more = len(scored) - limit
     if more > 0:

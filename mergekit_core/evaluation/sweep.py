@@ -230,4 +230,6 @@ def _append(path: Path, record: dict[str, Any]) -> None:
 
 def _best(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     scored = [r for r in records if r.get("score") is not None]
-    return max(scored, key=lambda r: r["score"]) if scored else None
+    # ties on the worst task's score go to the better mean, then to the earlier point
+    return max(scored, key=lambda r: (r["score"], (r.get("summary") or {}).get("mean_metric") or float("-inf")),
+               default=None)
