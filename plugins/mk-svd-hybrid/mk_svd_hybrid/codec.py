@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mergekit_core import MergeError
 from mk_svd_hybrid import masks as masklib
 from mk_svd_hybrid.quantize import (
     Quantized,
@@ -125,14 +126,31 @@ def _as_matrix(x: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x2.T if transposed else x2
 
 
+def _half(x: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """``x`` in float16, the artifact's storage dtype; values beyond its range are an error that
+    says so (a silent cast would store Inf and rebuild NaN)."""
+    out = x.half()
+    if out.numel() and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(x).all()):
+        raise MergeError(
+            f"{name or 'a tensor'}: its {what} reach {float(x.abs().max()):g}, beyond float16's range (65504), "
+            "in which SVD-Hybrid artifacts store them",
+            hint="exclude the tensor (--exclude), or merge these models with another method")
+    return out
+
+
 def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torch.Tensor | None = None,
-           seed: int = 0) -> Record:
-    """Compress one tensor's task vectors (one per task, same shape)."""
+           seed: int = 0, name: str = "") -> Record:
+    """Compress one tensor's task vectors (one per task, same shape); ``name`` is for errors.
+
+    Raises:
+        MergeError: a stored value (a 1-D task vector, a coefficient, a noise mean) is beyond
+            float16's range.
+    """
     shape = list(deltas[0].shape)
     record = Record(meta={"shape": shape})
     if len(shape) < 2:
         record.meta["kind"] = "vector"
-        record.tensors["values"] = torch.stack([d.float().reshape(-1) for d in deltas]).half()
+        record.tensors["values"] = _half(torch.stack([d.float().reshape(-1) for d in deltas]), name, "task vectors")
         return record
     rows, cols, transposed = matrix_view(shape)
     record.meta.update(kind="matrix", transposed=transposed, rows=rows, cols=cols)
@@ -161,7 +179,7 @@ def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torc
         record.tensors[f"basis.{c}"] = u16
         u = u16.float()
         coef = torch.stack([u.T @ signals[t] for t in members]) if k else torch.zeros(len(members), 0, cols)
-        record.tensors[f"high.{c}"] = coef[:, :k_high].half().contiguous()
+        record.tensors[f"high.{c}"] = _half(coef[:, :k_high], name, "SVD coefficients").contiguous()
         if k > k_high:
             _quantize_tasks(record, f"low.{c}", coef[:, k_high:], s, s.quant)
         record.meta["clusters"].append({"tasks": list(members), "rank": k, "fp16_rank": k_high,
@@ -171,7 +189,7 @@ def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torc
         outside = ~signal
         values = torch.stack([m[outside] for m in mats])  # [T, n_noise]
         if s.noise == "mean":
-            record.tensors["noise.mean"] = values.mean(0).half()
+            record.tensors["noise.mean"] = _half(values.mean(0), name, "task vectors")
         elif s.noise == "rtvq":
             _quantize_tasks(record, "noise", values.unsqueeze(1), s, "rtvq")
     return record

@@ -175,7 +175,7 @@ def compress(context: PrepareContext, params: Mapping[str, Any], directory: Path
                              "svd_hybrid codes every task", hint="use merge_mode: union (a missing tensor is a zero delta)")
         given = masks.get(group.name, group.base.shape) if masks is not None and group.base.dim() >= 2 else None
         t0 = time.perf_counter()
-        record = encode(group.tensors, codec, task_masks=given, seed=group.seed)
+        record = encode(group.tensors, codec, task_masks=given, seed=group.seed, name=group.name)
         t1 = time.perf_counter()
         decoder = Decoder(record)
         rebuilt = [decoder.task(t) for t in range(len(tasks))]
