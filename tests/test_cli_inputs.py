@@ -62,3 +62,12 @@ def test_a_key_written_twice_and_paths_that_are_not_text_are_config_errors(tmp_p
     result = run_mk(["merge", str(config), "--dry-run"], host=HOST)
     assert result.exit_code == 2 and "output_dir: must be a path" in result.stderr
     assert "output.path: must be a path" in result.stderr and not (tmp_path / "['a']").exists()
+
+
+def test_source_count_wording_and_an_empty_out(tmp_path, models):
+    paths, _ = models
+    three = ["--base", str(paths["base"]), "--sources", str(paths["ft1"]), str(paths["ft2"]), str(paths["ft3"])]
+    result = run_mk(["merge", "--method", "slerp", *three, "--out", str(tmp_path / "o")], host=HOST)
+    assert "merge method 'slerp' takes exactly 2 sources, got 3" in result.stderr
+    empty = run_mk(["merge", "--method", "uniform", *three, "--out", ""], host=HOST)
+    assert empty.exit_code == 2 and "--out is empty" in empty.stderr

@@ -211,6 +211,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                                   "else test).", show_default=False),
     ) -> None:
         """Merge sources (fine-tuned models or PEFT adapters) into one model or adapter."""
+        if out is not None and not out.strip():
+            raise UsageError("--out is empty; give the directory to write the merge to", hint="see 'mk merge --help'")
         inputs = list(inputs or [])
         configs = [p for p in inputs if p.endswith((".yaml", ".yml"))]
         if len(configs) > 1:

@@ -143,8 +143,13 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
     problems: list[str] = []
     n = len(sources)
     if n < method.min_sources or (method.max_sources is not None and n > method.max_sources):
-        top = method.max_sources if method.max_sources is not None else "any number of"
-        problems.append(f"{method.label} takes {method.min_sources} to {top} sources, got {n}")
+        if method.max_sources == method.min_sources:
+            takes = f"exactly {method.min_sources}"
+        elif method.max_sources is None:
+            takes = f"at least {method.min_sources}"
+        else:
+            takes = f"{method.min_sources} to {method.max_sources}"
+        problems.append(f"{method.label} takes {takes} sources, got {n}")
     kind = _output_kind(spec, base, sources, problems)
     if base is None and not any(s.is_adapter for s in sources):
         if method.space == "delta" and not method.linear:
@@ -193,6 +198,8 @@ def _build(spec: MergeSpec, host: PluginHost, method: MergeMethod, base: Any,
         names = list(infos)
         if untie:
             untied = [n for n in loose if _pattern_reason(n, [], spec.exclude) is None]
+            notes += [f"{n}: untie_word_embeddings has no effect on it: {_pattern_reason(n, [], spec.exclude)}; "
+                      "the output stays tied" for n in loose if n not in untied]
             names += untied
             notes += [f"{n}: the output is untied (untie_word_embeddings): {n} is written as its own tensor, "
                       f"merged from each source's {n} (a source that ties it: its {loose[n]}) on the base's "
