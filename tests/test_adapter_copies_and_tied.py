@@ -376,3 +376,31 @@ def test_untied_config_is_rewritten_in_nested_configs(tmp_path):
     assert config["tie_word_embeddings"] is False and config["text_config"]["tie_word_embeddings"] is False
     assert config["decoder"]["tie_word_embeddings"] is False and "tie_word_embeddings" not in config["vision_config"]
     assert MergePlan(None, None, [], [], "model", None, None).finish_model_files(tmp_path) == {}
+
+
+def test_a_tied_source_that_stores_its_head_anyway_is_still_tied(tmp_path, tied):
+    """A legacy .bin save of a tied model stores lm_head (= its embeddings) beside a config that
+    ties it: that copy is no change of the head, so a tied base merges it without a choice."""
+    base, base_state = tied
+    ft, ft_state = make_tied_finetune(base, tmp_path / "ft_tied", seed=5)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    stored = {k: v.float() for k, v in ft_state.items()}
+    stored[HEAD] = stored[EMB].clone()
+    torch.save(stored, legacy / "pytorch_model.bin")
+    (legacy / "config.json").write_text((ft / "config.json").read_text())
+    out = tmp_path / "out"
+    result = merge(tmp_path, base_model=str(base), sources=[str(legacy)], method_params={"lambda": 0.5}, out=out)
+    assert result.output_kind == "model"
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    expected = {k: base_state[k] + 0.5 * (ft_state[k] - base_state[k]) for k in base_state}
+    assert_state(load(out).state_dict(), expected)
+
+
+def test_untie_with_the_head_excluded_says_it_stays_tied(tmp_path, tied):
+    base, _ = tied
+    ft, _ = make_untied_finetune(base, tmp_path / "ft", seed=3)
+    result = merge(tmp_path, base_model=str(base), sources=[str(ft)], exclude=["lm_head*"],
+                   untie_word_embeddings=True, out=tmp_path / "out")
+    assert any("untie_word_embeddings has no effect" in n and "stays tied" in n for n in result.report["notes"])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True

@@ -271,14 +271,19 @@ def _match_tied_targets(sources: list[Source], loose: dict[str, str], problems: 
 
 
 def _tied_sources(sources: list[Source], arch: Architecture, wanted: set[str]) -> None:
-    """A full-model source that ties a tensor (``lm_head`` to the embeddings) and does not store
-    it provides the tensor it is tied to, for every tied tensor the output holds."""
+    """A full-model source that ties a tensor (``lm_head`` to the embeddings) provides the tensor
+    it is tied to, for every tied tensor the output holds, as ``transformers`` loads it: a copy it
+    stores anyway (legacy ``.bin`` saves store both) is that copy, never a change of its own."""
     for s in sources:
         if s.is_adapter:
             continue
         for name, partner in arch.tied_weights(getattr(s.reader, "model_config", None)):
-            if name in wanted and name not in s.contributions and partner in s.contributions:
+            if partner not in s.contributions:
+                continue
+            if name in wanted:
                 s.contributions[name] = s.contributions[partner]
+            else:
+                s.contributions.pop(name, None)
 
 
 def _take_base_copies(sources: list[Source], loose: dict[str, str], has_base: bool,
