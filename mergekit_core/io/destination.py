@@ -7,8 +7,9 @@ any long work, and writes it through :class:`AtomicDirectory`:
 - a destination that is, contains, or lies inside one of the command's inputs is refused, even
   with ``force`` (writing it would destroy the input);
 - an existing file (not a directory) is refused;
-- an empty directory, or a previous output of ``mk`` (it holds :data:`MARKER`, and nothing but
-  the files that marker lists), is replaced;
+- an empty directory, or a previous output of ``mk`` of a kind the new one may replace (it
+  holds :data:`MARKER`, and nothing but the files that marker lists; a model or adapter replaces
+  a model or adapter, an artifact an artifact, and nothing replaces a run bundle), is replaced;
 - any other non-empty directory is refused unless ``force``; with ``force`` its entries are
   returned so the caller can say what was replaced;
 - never replaced, even with ``force``: the file system's root, the home directory and the
@@ -16,8 +17,8 @@ any long work, and writes it through :class:`AtomicDirectory`:
 
 The new contents are written into a hidden temporary directory beside the destination and
 swapped in at the end (one ``renameat2(RENAME_EXCHANGE)`` on Linux, so an interrupted write
-never leaves a partial or missing destination). Temporaries left by a killed process are removed
-by the next write to the same destination. New directories and files get the permissions the
+never leaves a partial or missing destination), after every file was flushed to disk.
+Temporaries left by a killed process are removed by the next write beside them. New directories and files get the permissions the
 process umask gives any new file.
 """
 
