@@ -54,14 +54,23 @@ def _base_state(seed: int) -> dict:
 
 def build_pool(root: Path, seed: int = 0) -> dict[str, Path]:
     """Write the pool under ``root`` (skipped when it is already there); returns name -> path."""
-    import torch
-    from safetensors.torch import save_file
+
+    from mergekit_core.io.destination import AtomicDirectory
 
     root = Path(root)
     paths = {name: root / name for name in ("base", *FULL_TASKS, *ADAPTER_TASKS)}
     if all(p.exists() for p in paths.values()):
         return paths
-    root.mkdir(parents=True, exist_ok=True)
+    with AtomicDirectory(root, kind="demo_pool", what="pool directory") as tmp:
+        _write_pool(tmp, seed, paths["base"])
+    return paths
+
+
+def _write_pool(root: Path, seed: int, final_base: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    paths = {name: root / name for name in ("base", *FULL_TASKS, *ADAPTER_TASKS)}
     base = _base_state(seed)
     g = torch.Generator().manual_seed(seed + 1)
     for name in ("base", *FULL_TASKS):
@@ -84,9 +93,8 @@ def build_pool(root: Path, seed: int = 0) -> dict[str, Path]:
         (paths[name] / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "use_rslora": i == 1,
             "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": str(paths["base"]),
+            "base_model_name_or_path": str(final_base),
         }, indent=2))
-    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()  # config paths are relative to the config file, so pass absolute ones
     console = Console()
-    pool = build_pool(out / "pool")
+    try:
+        pool = build_pool(out / "pool")
+    except MergekitError as exc:
+        console.print(f"[red]Error:[/] {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""))
+        raise SystemExit(exc.exit_code) from None
     console.print(f"pool: {len(pool)} checkpoints in {out / 'pool'}")
     host = PluginHost()
     configs = Path(__file__).resolve().parent.parent / "configs"
