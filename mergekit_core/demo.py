@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pool = build_pool(out / "pool")
     except MergekitError as exc:
-        console.print(f"[red]Error:[/] {exc}" + (f"\nhint: {exc.hint}" if exc.hint else ""))
+        console.print(f"[red]Error:[/] {exc}\nhint: give the demo another --out (it writes a pool under it)")
         raise SystemExit(exc.exit_code) from None
     console.print(f"pool: {len(pool)} checkpoints in {out / 'pool'}")
     host = PluginHost()
