@@ -79,6 +79,8 @@ class MergeSpec:
     output_dir: Path = Path(DEFAULT_OUTPUT_DIR)
     untie_word_embeddings: bool = False
     sweep: dict[str, Any] = field(default_factory=dict)
+    config_file: Path | None = None
+    """The YAML file the spec was read from (an input: no output may replace it)."""
 
     @property
     def task_combo(self) -> str:
@@ -262,7 +264,7 @@ class MergeConfig:
     def to_spec(self) -> MergeSpec:
         d, problems = self.data, []
         where = str(self.path) if self.path else "config"
-        base_dir = self.path.parent if self.path else Path.cwd()
+        base_dir = self.path.parent.absolute() if self.path else Path.cwd()  # paths in the spec are absolute
         for key, value in (("base_model", d.get("base_model")), ("sources_root", d.get("sources_root")),
                            ("output_dir", d.get("output_dir")),
                            ("output.path", d["output"].get("path") if isinstance(d.get("output"), Mapping) else None)):
@@ -322,6 +324,7 @@ class MergeConfig:
             seed=seed, compute_dtype=compute,
             output_dir=self._path(d.get("output_dir", DEFAULT_OUTPUT_DIR), base_dir),
             sweep=self._sweep(d, base_dir), untie_word_embeddings=untie,
+            config_file=self.path.absolute() if self.path else None,
         )
 
     @staticmethod

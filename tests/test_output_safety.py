@@ -357,3 +357,29 @@ def test_force_says_what_it_will_replace_before_it_does_even_when_quiet(tmp_path
     result = _merge([*_pool_args(paths), "--out", str(folder), "--output-dir", str(tmp_path / "a"), "--force"])
     assert result.exit_code == 0, result.stderr
     assert "warning: --force: 2 entries of" in result.stderr and "notes.txt" in result.stderr
+
+
+def test_force_never_replaces_a_folder_holding_a_repository_or_the_config_in_use(tmp_path, models):
+    paths, _ = models
+    parent = _user_folder(tmp_path / "parent")
+    (parent / "child" / ".git").mkdir(parents=True)
+    before = _tree(parent)
+    result = _merge([*_pool_args(paths), "--out", str(parent), "--output-dir", str(tmp_path / "a"), "--force"])
+    _assert_one_line_error(result, "holds a git repository", "child")
+    assert _tree(parent) == before
+    folder = _user_folder(tmp_path / "cfgdir")
+    config = folder / "m.yaml"
+    config.write_text(f"base_model: {paths['base']}\nsources: [{paths['ft1']}, {paths['ft2']}]\n"
+                      f"method: task_arithmetic\noutput: {{path: {folder}}}\noutput_dir: {tmp_path / 'a'}\n")
+    result = run_mk(["merge", str(config), "--force"], host=HOST)
+    _assert_one_line_error(result, "contains the input", "m.yaml")
+    assert config.is_file()
+
+
+def test_a_dry_run_with_force_says_what_would_be_replaced(tmp_path, models):
+    paths, _ = models
+    folder = _user_folder(tmp_path / "mine")
+    result = _merge([*_pool_args(paths), "--out", str(folder), "--output-dir", str(tmp_path / "a"), "--force",
+                     "--dry-run"])
+    assert result.exit_code == 0 and "2 entries of" in result.stderr and "would be replaced" in result.stderr
+    assert (folder / "notes.txt").is_file()

@@ -247,10 +247,14 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if config_path is None and not all_sources:
             raise UsageError("nothing to merge: give a config file or --sources", hint="see 'mk merge --help'")
         spec = build_spec(config_path, overrides)
-        if dry_run:
-            from mergekit_core.engine.write import check_outputs
+        from mergekit_core.engine.write import check_outputs
 
-            check_outputs(spec, force=force)
+        doomed = check_outputs(spec, force=force)  # before any reading; with --force, said even with --quiet
+        if doomed:
+            typer.echo(f"warning: --force: {len(doomed)} {'entry' if len(doomed) == 1 else 'entries'} of "
+                       f"{spec.output.path} {'would' if dry_run else 'will'} be replaced: " + ", ".join(doomed[:5])
+                       + (", ..." if len(doomed) > 5 else ""), err=True)
+        if dry_run:
             info = print_plan(spec, host)
             if as_json:
                 typer.echo(json.dumps(info))
@@ -264,14 +268,6 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             setup = setup_from_spec(host, spec, evaluator=evaluator, params=eval_params(eval_param),
                                     tasks=list(eval_tasks), split=split or spec.sweep.get("split") or "test")
         show = not quiet and not as_json and sys.stderr.isatty()
-        if force:  # said before anything is replaced, even with --quiet: there is still time for Ctrl-C
-            from mergekit_core.engine.write import check_outputs
-
-            doomed = check_outputs(spec, force=True)
-            if doomed:
-                typer.echo(f"warning: --force: {len(doomed)} {'entry' if len(doomed) == 1 else 'entries'} of "
-                           f"{spec.output.path} will be replaced: " + ", ".join(doomed[:5])
-                           + (", ..." if len(doomed) > 5 else ""), err=True)
         bar = RichProgress() if show else None
         try:
             result = run_merge(spec, host, progress=bar, allow_nonfinite=allow_nonfinite,

@@ -20,8 +20,9 @@ from mergekit_core.io.writer import StreamingSafetensorsWriter, copy_model_files
 
 
 def input_paths(spec: MergeSpec) -> list[Path]:
-    """Every file or directory a merge of ``spec`` reads."""
-    return ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
+    """Every file or directory a merge of ``spec`` reads, its config file included."""
+    return ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources] + (
+        [spec.config_file] if spec.config_file else [])
 
 
 def check_outputs(spec: MergeSpec, *, save: bool = True, write_bundle: bool = True,

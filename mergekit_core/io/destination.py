@@ -13,7 +13,8 @@ any long work, and writes it through :class:`AtomicDirectory`:
 - any other non-empty directory is refused unless ``force``; with ``force`` its entries are
   returned so the caller can say what was replaced;
 - never replaced, even with ``force``: the file system's root, the home directory and the
-  folders above it, the working directory and the folders above it, and git repositories.
+  folders above it, the working directory and the folders above it, and folders that hold a git
+  repository at any depth.
 
 The new contents are written into a hidden temporary directory beside the destination and
 swapped in at the end (one ``renameat2(RENAME_EXCHANGE)`` on Linux, so an interrupted write
@@ -190,8 +191,18 @@ def _protected(dest: Path) -> str | None:
     cwd = resolve(Path.cwd())
     if target == cwd or target in cwd.parents:
         return "the working directory" if target == cwd else "a folder that contains the working directory"
-    if (target / ".git").exists():
-        return "a git repository (it holds .git)"
+    repository = _repository_inside(target)
+    if repository is not None:
+        return ("a git repository (it holds .git)" if repository == target
+                else f"a folder that holds a git repository ({repository})")
+    return None
+
+
+def _repository_inside(root: Path) -> Path | None:
+    """The first folder at or below ``root`` that holds ``.git`` (symbolic links not followed)."""
+    for folder, dirs, files in os.walk(root):
+        if ".git" in dirs or ".git" in files:
+            return Path(folder)
     return None
 
 
