@@ -336,6 +336,8 @@ class Evaluator(Component):
 
     kind = "evaluator"
     kind_label = "evaluator"
+    splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
+    """The split names ``evaluate``, ``labels`` and the batches accept."""
 
     def tasks(self, params: dict[str, Any]) -> list[TaskInfo]:
         raise NotImplementedError
@@ -463,3 +465,17 @@ KIND_HOOKS: dict[str, str] = {
     "architecture": "mk_architectures",
 }
 """Component kind -> the hook that returns components of that kind."""
+
+
+def origin(component: Any) -> str:
+    """Where a component comes from, for error messages: its distribution, else its module."""
+    module = type(component).__module__
+    if module.startswith("mergekit_core."):
+        return "built in"
+    import importlib.metadata
+
+    try:
+        dists = importlib.metadata.packages_distributions().get(module.split(".")[0]) or []
+    except Exception:  # broken metadata must not hide the real error
+        dists = []
+    return f"plugin {dists[0]}" if dists else f"module {module}"

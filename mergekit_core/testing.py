@@ -126,9 +126,12 @@ def check_merge_method(method: MergeMethod, params: Mapping[str, Any] | None = N
         if method.linear:
             fresh = _group(n, shape, seed=0)
             coefficients = method.linear_coefficients(fresh, resolved)
-            assert len(coefficients) == n
+            assert len(coefficients) == n, (
+                f"{method.name}: linear_coefficients gave {len(coefficients)} values for {n} sources")
             expected = sum(c * t for c, t in zip(coefficients, fresh.tensors))
-            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=lambda m: (
+                f"{method.name}: declares linear = True, but merge() is not sum(c_t * x_t) with its "
+                f"linear_coefficients: {m}"))
         if follows_coefficients:
             changed = _group(n, shape, seed=0)
             changed.coefficients[0] *= 2.0

@@ -327,3 +327,32 @@ def test_evaluate_a_model_directory_writes_where_it_is_told(tmp_path, models, mo
     assert result.exit_code == 0, result.stderr
     assert Path(json.loads(result.stdout)["written"]["index"]).is_relative_to(out)
     assert not (tmp_path / "artifacts").exists()
+
+
+class Fragile(Evaluator):
+    name = "fragile"
+    description = "fails on models it does not know"
+
+    def tasks(self, params):
+        return [TaskInfo("ft1", "closeness")]
+
+    def evaluate(self, model, task, split, subset, params):
+        raise AttributeError("Backbone has no attribute lm_head")
+
+
+fragile_plugin = types.ModuleType("fragile_plugin")
+fragile_plugin.mk_evaluators = hookimpl(lambda: [Fragile()])
+fragile_plugin.mk_evaluators.__name__ = "mk_evaluators"
+
+
+def test_an_unknown_split_and_a_failing_evaluator_are_one_line_each(tmp_path, models):
+    paths, _ = models
+    host = fresh_host({"toy": toy_plugin, "fragile": fragile_plugin})
+    common = ["evaluate", str(paths["ft1"]), "--output-dir", str(tmp_path / "r")]
+    split = run_mk([*common, "--evaluator", "toy", "--param", f"pool={paths['base'].parent}", "--split", "dev"],
+                   host=host)
+    assert split.exit_code == 2 and "unknown split 'dev' for evaluator toy; its splits: train, validation, test" \
+        in split.stderr
+    failed = run_mk([*common, "--evaluator", "fragile"], host=host)
+    assert failed.exit_code == 1 and "Traceback" not in failed.stderr
+    assert "evaluator 'fragile' (module " in failed.stderr and "failed on task ft1: AttributeError" in failed.stderr

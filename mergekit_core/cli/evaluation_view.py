@@ -68,4 +68,5 @@ def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
     if more > 0:
         typer.echo(f"{more} more points in the results file (or --json)")
     if skipped:
-        typer.echo(f"{len(skipped)} points skipped ({skipped[0].get('skipped') or 'no score'})")
+        typer.echo(f"{len(skipped)} {'point' if len(skipped) == 1 else 'points'} skipped "
+                   f"({skipped[0].get('skipped') or 'no score'})")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.components import LambdaPolicy, MergeMethod, PrepareContext, TensorGroup, Transform
+from mergekit_core.components import LambdaPolicy, MergeMethod, PrepareContext, TensorGroup, Transform, origin
 from mergekit_core.engine.plan import MergePlan, TensorPlan
 from mergekit_core.errors import MergeError, PluginError
 
@@ -270,7 +270,8 @@ class TensorMerger:
         out_sq = float(torch.dot(flat, flat)) if flat.numel() else 0.0
         if not math.isfinite(out_sq) and not bool(torch.isfinite(out).all()):  # NaN and Inf reach the dot
             bad = [n for n, x in zip(names, inputs.tensors) if not bool(torch.isfinite(x).all())]
-            where = f" (non-finite values in source {', '.join(bad)})" if bad else ""
+            where = (f" (non-finite values in source {', '.join(bad)})" if bad else
+                     f" ({self.method.label} ({origin(self.method)}) made them from finite inputs)")
             message = f"{t.name}: the merged tensor has NaN or Inf{where}"
             if not self.allow_nonfinite:
                 raise MergeError(message, hint="check the sources, or pass --allow-nonfinite to write it anyway")
@@ -283,20 +284,6 @@ class TensorMerger:
             delta = out - base
             return Merged(out if add_base else delta, float(torch.sum(delta * delta)), base_sq)
         return Merged(out.add_(base) if add_base else out, out_sq, base_sq)
-
-
-def origin(component: Any) -> str:
-    """Where a component comes from, for error messages: its distribution, else its module."""
-    module = type(component).__module__
-    if module.startswith("mergekit_core."):
-        return "built in"
-    import importlib.metadata
-
-    try:
-        dists = importlib.metadata.packages_distributions().get(module.split(".")[0]) or []
-    except Exception:  # broken metadata must not hide the real error
-        dists = []
-    return f"plugin {dists[0]}" if dists else f"module {module}"
 
 
 def checked_output(component: Any, name: str, out: Any, shape: tuple[int, ...]) -> torch.Tensor:

@@ -95,6 +95,8 @@ def run_merge(
             if write_bundle:  # written under a hidden name, published whole when the merge succeeded
                 run_dir = new_run_dir(spec.output_dir, comps.method.name, spec.task_combo)
                 staging = stack.enter_context(AtomicDirectory(run_dir, kind="run_bundle", what="run bundle"))
+            if spec.method.name != comps.method.name:
+                warnings.append(f"method {spec.method.name!r} is {comps.method.label} under another name (an alias)")
             if replaced:
                 warnings.append(f"--force: replaced {len(replaced)} {'entry' if len(replaced) == 1 else 'entries'} "
                                 f"of {out_path} (" + ", ".join(replaced[:5]) + (", ..." if len(replaced) > 5 else "")

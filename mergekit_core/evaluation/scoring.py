@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergekit_core.components import Evaluator, TaskInfo
+from mergekit_core.components import Evaluator, TaskInfo, origin
 from mergekit_core.config import MergeSpec
-from mergekit_core.errors import ConfigError
+from mergekit_core.errors import ConfigError, MergekitError, PluginError
 from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices
 from mergekit_core.plugins import PluginHost
 
@@ -40,11 +40,13 @@ def make_setup(host: PluginHost, evaluator: str | None, evaluator_params: Mappin
     if not evaluator:
         names = ", ".join(host.names("evaluator")) or "none installed"
         raise ConfigError(f"evaluation needs an evaluator (evaluator: NAME); installed: {names}",
-                          hint="evaluators come from plugins: the digits benchmark's is in the mk-digits plugin "
-                               "(this project's plugins/ folder); 'mk plugins list' shows what is installed")
+                          hint="name it with --evaluator NAME (or evaluator: NAME in the config); "
+                               "'mk plugins list' shows the installed ones (digits comes with mk-digits)")
     comp: Evaluator = host.get("evaluator", evaluator)
     params = comp.resolve_params(dict(evaluator_params or {}))
-    known = {t.name: t for t in comp.tasks(params)}
+    if split not in comp.splits:
+        raise ConfigError(f"unknown split {split!r} for evaluator {evaluator}; its splits: {', '.join(comp.splits)}")
+    known = {t.name: t for t in evaluator_call(comp, "tasks", None, params)}
     chosen = list(tasks) if tasks else list(known)
     unknown = [t for t in chosen if t not in known]
     if unknown:
@@ -64,19 +66,38 @@ def setup_from_spec(host: PluginHost, spec: MergeSpec, *, evaluator: str | None 
                       subset if subset is not None else sweep.get("eval_subset"), spec.output_dir)
 
 
+def evaluator_call(evaluator: Evaluator, fn: str, task: str | None, *args: Any) -> Any:
+    """``evaluator.fn(*args)``; an exception from the plugin's code (not a mergekit error, not
+    ``NotImplementedError`` for an optional method) becomes one PluginError naming the evaluator,
+    where it comes from and the task.
+
+    Raises:
+        PluginError: the evaluator failed.
+    """
+    try:
+        return getattr(evaluator, fn)(*args)
+    except (MergekitError, NotImplementedError):
+        raise
+    except Exception as exc:
+        where = f" on task {task}" if task else ""
+        raise PluginError(f"{evaluator.label} ({origin(evaluator)}) failed{where}: {type(exc).__name__}: {exc}",
+                          hint="is the model one this evaluator can score (its architecture and tasks)?") from exc
+
+
 def score(setup: EvalSetup, model: Any, task: TaskInfo) -> tuple[dict[str, float], str | None]:
     """The evaluator's metrics of ``model`` on one task, on the configured subset."""
     indices, key = None, None
     if setup.subset is not None:
         try:
-            labels = setup.evaluator.labels(task.name, setup.split, setup.params)
+            labels = evaluator_call(setup.evaluator, "labels", task.name, task.name, setup.split, setup.params)
         except NotImplementedError:
             labels = None
         size = len(labels) if labels is not None else None
         if size is None:
             raise ConfigError(f"eval_subset needs {setup.evaluator.label} to list the labels of its splits")
         indices, key = subset_indices(setup.subset, task.name, setup.split, labels, size, setup.subset_cache)
-    metrics = setup.evaluator.evaluate(model, task.name, setup.split, indices, setup.params)
+    metrics = evaluator_call(setup.evaluator, "evaluate", task.name, model, task.name, setup.split, indices,
+                             setup.params)
     if task.metric not in metrics:
         raise ConfigError(f"{setup.evaluator.label} returned no '{task.metric}' for task {task.name}")
     return metrics, key

@@ -21,7 +21,11 @@ class ScaledSum(MergeMethod):
 
     name = "scaled_sum"
     description = "The sum of the task vectors, each times its lambda, times a scale."
-    params = (Param("scale", 1.0, "factor applied to the weighted sum", type=float, min=0.0),)
+    params = (
+        # a 'lambda' parameter is the lambda policy's default value: `--lambda 0.3` sets every coefficient
+        Param("lambda", 1.0, "lambda of every source unless a lambda policy says otherwise", type=float),
+        Param("scale", 1.0, "factor applied to the weighted sum", type=float, min=0.0),
+    )
     linear = True  # merged = sum(c_t * delta_t): the engine merges LoRA adapters exactly
 
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:

@@ -22,7 +22,8 @@ def test_contract():
 def test_listed_and_shown():
     assert HOST.get("merge_method", "scaled_sum").name == "scaled_sum"
     shown = run_mk(["plugins", "show", "scaled_sum", "--json"], host=HOST)
-    assert shown.exit_code == 0 and json.loads(shown.stdout)[0]["params"][0]["name"] == "scale"
+    assert shown.exit_code == 0
+    assert [p["name"] for p in json.loads(shown.stdout)[0]["params"]] == ["lambda", "scale"]
 
 
 def test_a_merge_with_a_lambda_per_task(tmp_path):
@@ -45,3 +46,9 @@ def test_a_merge_with_a_lambda_per_task(tmp_path):
     b, a, c = (paths[k][name].double() for k in ("base", "a", "b"))
     expected = b + 0.5 * (1.0 * (a - b) + 0.2 * (c - b))
     torch.testing.assert_close(load_file(tmp_path / "out" / "model.safetensors")[name].double(), expected)
+    flags = run_mk(["merge", "--method", "scaled_sum", "--base", str(tmp_path / "base"), "--sources",
+                    str(tmp_path / "a"), str(tmp_path / "b"), "--lambda", "0.3", "--out", str(tmp_path / "flags"),
+                    "--output-dir", str(tmp_path / "runs"), "-q"], host=HOST)  # the guide's command
+    assert flags.exit_code == 0, flags.stderr
+    torch.testing.assert_close(load_file(tmp_path / "flags" / "model.safetensors")[name].double(),
+                               b + 0.3 * (a - b + c - b))
