@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from mergekit_core.cli.evaluation_view import eval_params, print_eval, print_sweep
+from mergekit_core.cli.evaluation_view import eval_params, point_text, print_eval, print_sweep
 from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
 
@@ -68,7 +68,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
 
     @app.command("sweep")
     def sweep(
-        config: Path = typer.Argument(..., help="A merge config with a search block and eval_tasks."),
+        config: Path = typer.Argument(..., help="A merge config with a search block and an evaluator (eval_tasks: default all its tasks)."),
         resume: bool = typer.Option(False, "--resume", help="Continue after a crash: skip finished points."),
         as_json: bool = typer.Option(False, "--json", help="Print the sweep result as JSON."),
     ) -> None:
@@ -86,7 +86,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         print_sweep(result)
         typer.echo(f"{len(result['points'])} points in {result['wall_time_s']:.1f} s; results: {result['path']}")
         if best:
-            typer.echo(f"best: {best['point']} (worst-task interference {best['score']:+.4f}, "
+            typer.echo(f"best: {point_text(best['point'])} (worst-task interference {best['score']:+.4f}, "
                        f"mean {best['summary']['mean_metric']:.4f})")
 
 
@@ -109,6 +109,6 @@ class SweepProgress:
         elif event == "point":
             best = info["best"]
             self.progress.update(self.task, advance=1,
-                                 best=f"{best['score']:+.4f} at {best['point']}" if best else "-")
+                                 best=f"{best['score']:+.4f} at {point_text(best['point'])}" if best else "-")
         elif event == "end":
             self.progress.stop()

@@ -39,6 +39,11 @@ def print_eval(result: dict[str, Any]) -> None:
             typer.echo(f"{label}: {written[key]}")
 
 
+def point_text(point: dict[str, Any]) -> str:
+    """A sweep point as people write it: ``lambda=0.3, density=0.2``."""
+    return ", ".join(f"{k}={v}" for k, v in point.items())
+
+
 def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
     """The sweep's points, best first (the ranking criterion's score), with each task's metric."""
     from rich.console import Console
@@ -53,7 +58,7 @@ def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
     for col in ("rank", "point", "score", "mean", *(tasks if per_task else ["worst task"])):
         table.add_column(col, overflow="fold", justify="left" if col in ("point", "worst task") else "right")
     for rank, r in enumerate(scored[:limit], 1):
-        point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
+        point = point_text(r["point"])
         metrics = r.get("metrics") or {}
         if per_task:
             cells = [f"{metrics.get(t, float('nan')):.4f}" for t in tasks]
