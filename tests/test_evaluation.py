@@ -296,7 +296,7 @@ def test_sweep_prints_the_ranked_table_and_evaluate_says_where_results_went(tmp_
                                           search={"type": "grid", "grid": {"lambda": [0.1, 0.5, 0.9]}}).data))
     result = run_mk(["sweep", str(path)], host=HOST)
     assert result.exit_code == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if "lambda=" in line]
+    rows = [line for line in result.stdout.splitlines() if "lambda=" in line and line.startswith("│")]
     assert len(rows) == 3 and "rank" in result.stdout
     scores = [float(r.split("│")[3]) for r in rows]
     assert scores == sorted(scores, reverse=True) and len({r.split("lambda=")[1].split()[0] for r in rows}) == 3
