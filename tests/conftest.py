@@ -34,6 +34,27 @@ def fake_dist(tmp_path, monkeypatch):
         sys.modules.pop(module, None)
 
 
+METHOD_PLUGIN = """
+from mergekit_core import MergeMethod, hookimpl
+
+class M(MergeMethod):
+    name = "{name}"
+    description = "test method"
+    def merge(self, group, params, state=None):
+        return group.tensors[0]
+
+@hookimpl
+def mk_merge_methods():
+    return [M()]
+"""
+
+
+@pytest.fixture
+def method_plugin() -> str:
+    """The source of a plugin module with one method; ``.format(name=...)`` names the method."""
+    return METHOD_PLUGIN
+
+
 # --------------------------------------------------------------------------- tiny checkpoints
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 FIXTURE = Path(__file__).parent / "fixtures" / "mk-example-plugin"
 
 
-def test_pip_installed_plugin_is_listed_and_usable(tmp_path):
+def pip_install(folder: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Copy a plugin folder and install it with pip into its own target; returns (copy, target)."""
     src = tmp_path / "src"
-    shutil.copytree(FIXTURE, src)
+    shutil.copytree(folder, src)
     target = tmp_path / "target"
     pip = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -22,6 +23,11 @@ def test_pip_installed_plugin_is_listed_and_usable(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert pip.returncode == 0, pip.stderr
+    return src, target
+
+
+def test_pip_installed_plugin_is_listed_and_usable(tmp_path):
+    _, target = pip_install(FIXTURE, tmp_path)
     assert (target / "mk_example_plugin" / "plugin.py").is_file()
     env = {**os.environ, "PYTHONPATH": str(target)}
     mk = Path(sys.executable).parent / "mk"
@@ -44,15 +50,7 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "templates" / "mk-plugin-templa
 
 def test_the_plugin_template_installs_lists_and_passes_its_own_tests(tmp_path):
     """The folder docs/plugin-guide.md walks through, installed as a user would, with its tests."""
-    src = tmp_path / "src"
-    shutil.copytree(TEMPLATE, src)
-    target = tmp_path / "target"
-    pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(src)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert pip.returncode == 0, pip.stderr
+    src, target = pip_install(TEMPLATE, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(target)}
     mk = Path(sys.executable).parent / "mk"
     listed = subprocess.run([str(mk), "plugins", "list", "--json"], capture_output=True, text=True, env=env,

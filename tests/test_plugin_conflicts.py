@@ -22,27 +22,12 @@ from mergekit_core.testing import fresh_host, run_mk
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent
 
-RIVAL_PLUGIN = """
-from mergekit_core import MergeMethod, hookimpl
-
-class M(MergeMethod):
-    name = "{name}"
-    description = "test method"
-    def merge(self, group, params, state=None):
-        return group.tensors[0]
-
-@hookimpl
-def mk_merge_methods():
-    return [M()]
-"""
-
-
 # --------------------------------------------------------------------------- rival entry points
 
 
-def test_two_distributions_with_one_entry_point_name_are_both_listed_as_conflicts(fake_dist):
-    fake_dist("mk-one", {"rival": "one_rival"}, {"one_rival": RIVAL_PLUGIN.format(name="only_one")})
-    fake_dist("mk-two", {"rival": "two_rival"}, {"two_rival": RIVAL_PLUGIN.format(name="only_two")})
+def test_two_distributions_with_one_entry_point_name_are_both_listed_as_conflicts(fake_dist, method_plugin):
+    fake_dist("mk-one", {"rival": "one_rival"}, {"one_rival": method_plugin.format(name="only_one")})
+    fake_dist("mk-two", {"rival": "two_rival"}, {"two_rival": method_plugin.format(name="only_two")})
     host = PluginHost(environ={})
     rows = [e for e in host.listing() if e["name"] == "rival"]
     assert sorted(e["distribution"] for e in rows) == ["mk-one", "mk-two"]
@@ -59,16 +44,16 @@ def test_two_distributions_with_one_entry_point_name_are_both_listed_as_conflict
     assert "mk-one" in shown.stderr and "mk-two" in shown.stderr
 
 
-def test_a_rival_can_be_hidden_by_its_distribution_name(fake_dist):
-    fake_dist("mk-one", {"rival": "one_rival"}, {"one_rival": RIVAL_PLUGIN.format(name="only_one")})
-    fake_dist("mk-two", {"rival": "two_rival"}, {"two_rival": RIVAL_PLUGIN.format(name="only_two")})
+def test_a_rival_can_be_hidden_by_its_distribution_name(fake_dist, method_plugin):
+    fake_dist("mk-one", {"rival": "one_rival"}, {"one_rival": method_plugin.format(name="only_one")})
+    fake_dist("mk-two", {"rival": "two_rival"}, {"two_rival": method_plugin.format(name="only_two")})
     host = PluginHost(environ={"MK_DISABLE_PLUGINS": "mk-two"})
     assert host.get("merge_method", "only_one").name == "only_one"
     assert [r.status for r in host.records if r.name == "rival"] == ["ok"]
 
 
-def test_the_same_distribution_visible_twice_loads_once(fake_dist, tmp_path, monkeypatch):
-    root = fake_dist("mk-one", {"one": "one_plugin"}, {"one_plugin": RIVAL_PLUGIN.format(name="m_one")})
+def test_the_same_distribution_visible_twice_loads_once(fake_dist, tmp_path, monkeypatch, method_plugin):
+    root = fake_dist("mk-one", {"one": "one_plugin"}, {"one_plugin": method_plugin.format(name="m_one")})
     again = tmp_path / "again"
     again.mkdir()
     info = next(root.glob("*.dist-info"))

@@ -8,21 +8,6 @@ from mergekit_core import MergeMethod, Param, PluginHost
 from mergekit_core.errors import ComponentConflictError, ParameterError, UnknownComponentError
 from mergekit_core.testing import fresh_host
 
-METHOD_PLUGIN = """
-from mergekit_core import MergeMethod, hookimpl
-
-class M(MergeMethod):
-    name = "{name}"
-    description = "test method"
-    def merge(self, group, params, state=None):
-        return group.tensors[0]
-
-@hookimpl
-def mk_merge_methods():
-    return [M()]
-"""
-
-
 def test_builtins_are_registered_through_hooks():
     host = fresh_host()
     assert host.records[0].name == "builtin" and host.records[0].distribution == "mergekit-core"
@@ -33,8 +18,8 @@ def test_builtins_are_registered_through_hooks():
     assert host.get("merge_method", "task_vector").name == "task_arithmetic"  # alias
 
 
-def test_entry_point_plugin_is_found(fake_dist):
-    fake_dist("mk-good", {"good": "good_plugin"}, {"good_plugin": METHOD_PLUGIN.format(name="good_one")})
+def test_entry_point_plugin_is_found(fake_dist, method_plugin):
+    fake_dist("mk-good", {"good": "good_plugin"}, {"good_plugin": method_plugin.format(name="good_one")})
     host = PluginHost(environ={})
     record = next(r for r in host.records if r.name == "good")
     assert (record.distribution, record.version, record.status) == ("mk-good", "0.1", "ok")
@@ -42,9 +27,9 @@ def test_entry_point_plugin_is_found(fake_dist):
     assert record.provides["merge_method"] == ["good_one"]
 
 
-def test_plugin_that_raises_on_import_is_recorded_and_others_work(fake_dist):
+def test_plugin_that_raises_on_import_is_recorded_and_others_work(fake_dist, method_plugin):
     fake_dist("mk-broken", {"broken": "broken_plugin"}, {"broken_plugin": "raise RuntimeError('boom')\n"})
-    fake_dist("mk-good", {"good": "good_plugin"}, {"good_plugin": METHOD_PLUGIN.format(name="good_one")})
+    fake_dist("mk-good", {"good": "good_plugin"}, {"good_plugin": method_plugin.format(name="good_one")})
     host = PluginHost(environ={})
     broken = next(r for r in host.records if r.name == "broken")
     assert broken.status == "error" and "RuntimeError: boom" in broken.error
@@ -84,9 +69,9 @@ def test_unknown_hook_name_is_an_error(fake_dist):
     assert not host.pm.has_plugin("typo")
 
 
-def test_duplicate_names_conflict_naming_both_distributions(fake_dist):
-    fake_dist("mk-one", {"one": "one_plugin"}, {"one_plugin": METHOD_PLUGIN.format(name="dup")})
-    fake_dist("mk-two", {"two": "two_plugin"}, {"two_plugin": METHOD_PLUGIN.format(name="dup")})
+def test_duplicate_names_conflict_naming_both_distributions(fake_dist, method_plugin):
+    fake_dist("mk-one", {"one": "one_plugin"}, {"one_plugin": method_plugin.format(name="dup")})
+    fake_dist("mk-two", {"two": "two_plugin"}, {"two_plugin": method_plugin.format(name="dup")})
     host = PluginHost(environ={})
     with pytest.raises(ComponentConflictError) as err:
         host.get("merge_method", "dup")
@@ -97,8 +82,8 @@ def test_duplicate_names_conflict_naming_both_distributions(fake_dist):
     assert host.get("merge_method", "uniform")  # other names still work
 
 
-def test_plugin_shadowing_a_builtin_name_conflicts(fake_dist):
-    fake_dist("mk-shadow", {"shadow": "shadow_plugin"}, {"shadow_plugin": METHOD_PLUGIN.format(name="uniform")})
+def test_plugin_shadowing_a_builtin_name_conflicts(fake_dist, method_plugin):
+    fake_dist("mk-shadow", {"shadow": "shadow_plugin"}, {"shadow_plugin": method_plugin.format(name="uniform")})
     host = PluginHost(environ={})
     with pytest.raises(ComponentConflictError, match="mergekit-core"):
         host.get("merge_method", "uniform")
@@ -115,9 +100,9 @@ def test_plugin_shadowing_a_builtin_name_conflicts(fake_dist):
         ({"MK_LOAD_PLUGINS": "one,two", "MK_DISABLE_PLUGINS": "mk_two"}, {"one"}),
     ],
 )
-def test_environment_selects_entry_point_plugins(fake_dist, environ, loaded):
-    fake_dist("mk-one", {"one": "one_plugin"}, {"one_plugin": METHOD_PLUGIN.format(name="m_one")})
-    fake_dist("mk-two", {"two": "two_plugin"}, {"two_plugin": METHOD_PLUGIN.format(name="m_two")})
+def test_environment_selects_entry_point_plugins(fake_dist, environ, loaded, method_plugin):
+    fake_dist("mk-one", {"one": "one_plugin"}, {"one_plugin": method_plugin.format(name="m_one")})
+    fake_dist("mk-two", {"two": "two_plugin"}, {"two_plugin": method_plugin.format(name="m_two")})
     host = PluginHost(environ=environ)
     names = {r.name for r in host.records} - {"builtin"}
     assert names & {"one", "two"} == loaded
