@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 
 from mergekit_core import MergeMethod, Param, PluginHost
-from mergekit_core.errors import ComponentConflictError, ParameterError, UnknownComponentError
+from mergekit_core.errors import (
+    ComponentConflictError,
+    ParameterError,
+    UnknownComponentError,
+)
 from mergekit_core.testing import fresh_host
+
 
 def test_builtins_are_registered_through_hooks():
     host = fresh_host()
