@@ -383,3 +383,22 @@ def test_a_dry_run_with_force_says_what_would_be_replaced(tmp_path, models):
                      "--dry-run"])
     assert result.exit_code == 0 and "2 entries of" in result.stderr and "would be replaced" in result.stderr
     assert (folder / "notes.txt").is_file()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])  # the fused path and the general one
+def test_values_too_small_for_the_output_dtype_are_counted_and_said(tmp_path, method):
+    tiny = {"base": 0.0, "a": 2e-9, "b": 4e-9}  # merged 3e-9 (task arithmetic, lambda 0.5): below fp16's 6e-8
+    for name, value in tiny.items():
+        (tmp_path / name).mkdir()
+        save_file({"model.layers.0.mlp.up_proj.weight": torch.full((4, 8), value),
+                   "model.norm.weight": torch.ones(8) * (1 + value * 1e8)}, str(tmp_path / name / "model.safetensors"))
+    keep_all = ["--param", "k=100"] if method == "ties" else []  # no trimming: every entry reaches the output
+    result = run_mk(["merge", "--method", method, "--lambda", "0.5", *keep_all, "--base", str(tmp_path / "base"),
+                     "--sources", str(tmp_path / "a"), str(tmp_path / "b"), "--dtype", "fp16", "--out",
+                     str(tmp_path / "out"), "--output-dir", str(tmp_path / "art"), "--json"], host=HOST)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    meta = json.loads((Path(summary["run_dir"]) / "merge_metadata.json").read_text())
+    assert meta["report"]["flushed_to_zero"] == {"model.layers.0.mlp.up_proj.weight": 32}
+    assert any("32 merged values in 1 tensors were too small" in w for w in summary["warnings"])
+    assert (load_file(tmp_path / "out" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"] == 0).all()

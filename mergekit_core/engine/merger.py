@@ -55,6 +55,9 @@ class Merged:
     tensor: torch.Tensor
     delta_sq: float
     base_sq: float
+    flushed: int = 0
+    """Values that were not 0 before the cast to the output dtype and are 0 after it (too small
+    for it); counted by the fused path, which keeps no copy in the compute dtype."""
 
 
 class TensorMerger:
@@ -169,6 +172,8 @@ class TensorMerger:
         size = min(n, FUSED_CHUNK)
         b, acc, tmp = (self._buffer(k, size) for k in range(3))
         delta_sq = base_sq = 0.0
+        flushed = 0
+        narrower = loses_small_values(self.dtype, out_dtype)
         for start in range(0, n, FUSED_CHUNK):
             k = min(FUSED_CHUNK, n - start)
             bk, ak, tk = b[:k], acc[:k], tmp[:k]
@@ -179,10 +184,13 @@ class TensorMerger:
                 ak.add_(tk, alpha=c)
             delta_sq += float(torch.dot(ak, ak))
             base_sq += float(torch.dot(bk, bk))
-            out[start:start + k].copy_(ak.add_(bk))
+            ok = out[start:start + k]
+            ok.copy_(ak.add_(bk))
+            if narrower:
+                flushed += flushed_to_zero(ak, ok)
         if not math.isfinite(delta_sq):  # name the culprit; the slow path knows how
             self.merge(t, self.deltas(t, raw))
-        return Merged(out.reshape(t.shape), delta_sq, base_sq)
+        return Merged(out.reshape(t.shape), delta_sq, base_sq, flushed)
 
     def _buffer(self, slot: int, size: int) -> torch.Tensor:
         import torch
@@ -284,6 +292,22 @@ class TensorMerger:
             delta = out - base
             return Merged(out if add_base else delta, float(torch.sum(delta * delta)), base_sq)
         return Merged(out.add_(base) if add_base else out, out_sq, base_sq)
+
+
+def loses_small_values(computed: torch.dtype, written: torch.dtype) -> bool:
+    """Whether casting ``computed`` to ``written`` can turn small values into 0: a smaller
+    exponent range (fp32 -> fp16 can; fp32 -> bf16 keeps fp32's range, so it is not checked)."""
+    import torch
+
+    return (written.is_floating_point and computed.is_floating_point
+            and torch.finfo(written).tiny > torch.finfo(computed).tiny)
+
+
+def flushed_to_zero(computed: torch.Tensor, written: torch.Tensor) -> int:
+    """How many values are 0 in ``written`` (the output dtype) but not in ``computed``."""
+    import torch
+
+    return int(torch.count_nonzero((written == 0) & (computed != 0)))
 
 
 def checked_output(component: Any, name: str, out: Any, shape: tuple[int, ...]) -> torch.Tensor:

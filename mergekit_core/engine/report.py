@@ -35,6 +35,7 @@ def report_dict(plan: MergePlan, report: StreamReport) -> dict[str, Any]:
         "bytes_written": report.bytes_written,
         "relative_delta_norm": report.relative_delta_norm,
         "nonfinite_written": report.nonfinite,
+        "flushed_to_zero": report.flushed,
         "left_out": {t.name: t.reason for t in plan.tensors if t.action == "drop"},
         "copied_why": _count_reasons(plan, "copy"),
         "notes": plan.notes,

@@ -108,6 +108,12 @@ def run_merge(
             recipe = {"spec": spec.to_json(), "lambda_values": chosen, "versions": versions(host, comps)}
             state_dict, report, hashes = write_output(plan, merger, spec, write_to if save else None, recipe, progress,
                                                   force=force)
+            flushed = report.get("flushed_to_zero") or {}
+            if flushed:
+                worst = max(flushed, key=flushed.get)
+                warnings.append(f"{sum(flushed.values())} merged values in {len(flushed)} tensors were too small for "
+                                f"the output dtype and were written as 0 (most in {worst}: {flushed[worst]}); "
+                                "the report lists them under flushed_to_zero")
             metadata = {
                 "method": comps.method.name,
                 "params": comps.params,

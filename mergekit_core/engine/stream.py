@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.engine.merger import TensorMerger
+from mergekit_core.engine.merger import TensorMerger, flushed_to_zero, loses_small_values
 from mergekit_core.engine.plan import TensorPlan
 from mergekit_core.io.dtypes import all_finite, check_finite, torch_dtype
 from mergekit_core.io.safetensors_header import TensorInfo
@@ -32,6 +32,8 @@ class StreamReport:
     base_sq: float = 0.0
     nonfinite: dict[str, int] = field(default_factory=dict)
     """Tensors written with NaN or Inf (only with ``allow_nonfinite``): name -> count."""
+    flushed: dict[str, int] = field(default_factory=dict)
+    """Tensors whose values too small for the output dtype were written as 0: name -> count."""
 
     @property
     def relative_delta_norm(self) -> float | None:
@@ -115,6 +117,10 @@ def stream_merge(
                 merged = merger.merge(t, merger.deltas(t, loaded))
                 out = merged.tensor.to(target)
                 computed = merged.tensor
+            flushed = merged.flushed if computed is None else (
+                flushed_to_zero(computed, out) if loses_small_values(computed.dtype, out.dtype) else 0)
+            if flushed:
+                report.flushed[t.name] = flushed
             bad = _nonfinite_output(merger, t, loaded, out, computed)
             if bad:
                 report.nonfinite[t.name] = bad
