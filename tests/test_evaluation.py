@@ -356,3 +356,18 @@ def test_an_unknown_split_and_a_failing_evaluator_are_one_line_each(tmp_path, mo
     failed = run_mk([*common, "--evaluator", "fragile"], host=host)
     assert failed.exit_code == 1 and "Traceback" not in failed.stderr
     assert "evaluator 'fragile' (module " in failed.stderr and "failed on task ft1: AttributeError" in failed.stderr
+
+
+def test_evaluating_a_model_mk_wrote_gives_interference_against_its_sources(tmp_path, models):
+    paths, _ = models
+    out = tmp_path / "merged"
+    merged = run_mk(["merge", "--method", "task_arithmetic", "--base", str(paths["base"]), "--sources",
+                     str(paths["ft1"]), str(paths["ft2"]), "--lambda", "0.5", "--out", str(out),
+                     "--output-dir", str(tmp_path / "art"), "-q"], host=HOST)
+    assert merged.exit_code == 0, merged.stderr
+    result = run_mk(["evaluate", str(out), "--evaluator", "toy", "--param", f"pool={paths['base'].parent}",
+                     "--output-dir", str(tmp_path / "r"), "--json"], host=HOST)
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["method"] == "task_arithmetic"
+    assert all(e["interference_delta"] is not None for e in data["tasks"].values())

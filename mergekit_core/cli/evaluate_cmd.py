@@ -14,6 +14,23 @@ from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
 
 
+def merge_recipe(model_dir: Path) -> Any:
+    """The spec of the merge that wrote ``model_dir`` (from the recipe in its safetensors header),
+    or None when mk did not write it or its sources are gone."""
+    from mergekit_core.config import MergeConfig
+    from mergekit_core.errors import MergekitError
+    from mergekit_core.io.safetensors_header import read_header
+
+    for shard in sorted(model_dir.glob("*.safetensors"))[:1]:
+        try:
+            recipe = json.loads(read_header(shard).metadata.get("mergekit_recipe", "null") or "null")
+            if isinstance(recipe, dict) and isinstance(recipe.get("config"), dict):
+                return MergeConfig.from_dict(recipe["config"]).to_spec()
+        except (MergekitError, ValueError):
+            return None
+    return None
+
+
 def register(app: typer.Typer, host: PluginHost) -> None:
     @app.command("evaluate")
     def evaluate(
@@ -58,9 +75,15 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                 raise UsageError(f"{path}: neither a run bundle (merge_metadata.json) nor a model directory")
             check_inside_nothing(output_dir, [path], "results folder (--output-dir)")
             setup = make_setup(host, evaluator, eval_params(param), tasks, split, subset, output_dir)
-            result = evaluate_merge(setup, host, str(path), method="external", sources=[SourceSpec(path.name, path)],
-                                    base_model=None, combo_dir=combo_dir(output_dir, "external", path.name),
-                                    tag=path.name)
+            spec = merge_recipe(path)
+            if spec is not None:  # mk wrote it: score it against its own sources, as a run bundle is
+                result = evaluate_merge(setup, host, str(path), method=spec.method.name, sources=spec.sources,
+                                        base_model=spec.base_model, tag=path.name, params=spec.method.params,
+                                        combo_dir=combo_dir(output_dir, spec.method.name, spec.task_combo))
+            else:
+                result = evaluate_merge(setup, host, str(path), method="external",
+                                        sources=[SourceSpec(path.name, path)], base_model=None,
+                                        combo_dir=combo_dir(output_dir, "external", path.name), tag=path.name)
         if as_json:
             typer.echo(json.dumps(result, indent=2, default=str))
         else:

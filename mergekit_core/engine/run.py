@@ -105,7 +105,8 @@ def run_merge(
                 if run_dir is None or staging is None:
                     raise UsageError("nowhere to write the merge: give output.path (--out) or keep the run bundle")
                 out_path, write_to = run_dir / plan.output_kind, staging / plan.output_kind
-            recipe = {"spec": spec.to_json(), "lambda_values": chosen, "versions": versions(host, comps)}
+            recipe = {"spec": spec.to_json(), "config": spec.to_config(), "lambda_values": chosen,
+                      "versions": versions(host, comps)}
             state_dict, report, hashes = write_output(plan, merger, spec, write_to if save else None, recipe, progress,
                                                   force=force)
             flushed = report.get("flushed_to_zero") or {}
