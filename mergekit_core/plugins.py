@@ -411,6 +411,9 @@ class PluginHost:
         broken = [r.name for r in self.records if r.status == "error"]
         if broken:
             hints.append(f"plugins that failed to load: {', '.join(broken)} (see 'mk plugins list')")
+        left_out = sorted({dist or ep for ep, dist in self.skipped})
+        if left_out and not any("left out" in h for h in hints):
+            hints.append(f"installed plugins left out by MK_LOAD_PLUGINS / MK_DISABLE_PLUGINS: {', '.join(left_out)}")
         return UnknownComponentError(message, hint="; ".join(hints) or None)
 
     def _name_hints(self, name: str, kind: str | None) -> list[str]:

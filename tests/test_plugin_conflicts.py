@@ -243,3 +243,12 @@ def test_a_host_built_with_mk_debug_prints_load_tracebacks(fake_dist, capsys):
     assert "plugin 'broken' (mk-broken) failed" in err and "RuntimeError: boom" in err and "Traceback" in err
     PluginHost(environ={})
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_unknown_name_mentions_plugins_left_out_by_the_environment():
+    from mergekit_core.testing import fresh_host
+
+    host = fresh_host(entry_points=True, environ={"MK_DISABLE_PLUGINS": "mk-digits"})
+    result = run_mk(["plugins", "show", "my_thing"], host=host)
+    assert result.exit_code == 2
+    assert "installed plugins left out by MK_LOAD_PLUGINS / MK_DISABLE_PLUGINS: mk-digits" in result.stderr
