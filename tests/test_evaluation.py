@@ -193,7 +193,7 @@ def test_sweep_resumes_after_a_crash_without_redoing_points(tmp_path, models):
 
 def test_sweep_config_errors_before_any_merge(tmp_path, models):
     cfg = config(tmp_path, models, method="task_arithmetic", search={"type": "grid", "grid": {"lamda": [0.1]}})
-    with pytest.raises(Exception, match="'lamda' is neither a parameter of merge method 'task_arithmetic'"):
+    with pytest.raises(Exception, match="'lamda' is neither a parameter of merge method 'task_arithmetic'.*did you mean 'lambda'"):
         run_sweep(cfg, HOST)
     bad_task = config(tmp_path, models, method="uniform", eval_tasks=["ft9"],
                       search={"type": "grid", "grid": {"normalize": [True]}})

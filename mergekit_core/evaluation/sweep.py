@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergekit_core.components import closest
 from mergekit_core.config import MergeConfig, MergeSpec
 from mergekit_core.engine.resolve import resolve_components
 from mergekit_core.engine.run import run_merge
@@ -67,9 +68,11 @@ def _targets(space: dict[str, Any], spec: MergeSpec, host: PluginHost) -> tuple[
         elif key in policy_params:
             out[key] = "policy"
         else:
+            guess = closest(key, [*method_params, *(f"policy.{p}" for p in policy_params)])
             raise ConfigError(f"search: '{key}' is neither a parameter of {comps.method.label} "
                               f"({', '.join(sorted(method_params)) or 'none'}) nor of lambda policy "
-                              f"{comps.policy.name} ({', '.join(sorted(policy_params)) or 'none'})")
+                              f"{comps.policy.name} ({', '.join(sorted(policy_params)) or 'none'})"
+                              + (f"; did you mean '{guess}'?" if guess else ""))
     return out, comps.policy.name
 
 
