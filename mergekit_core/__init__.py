@@ -6,8 +6,6 @@ Importing it never imports torch.
 
 from __future__ import annotations
 
-from mergekit_core.version import __version__
-
 from mergekit_core.components import (  # noqa: E402
     REQUIRED,
     Architecture,
@@ -38,6 +36,7 @@ from mergekit_core.errors import (  # noqa: E402
 )
 from mergekit_core.hookspecs import hookimpl  # noqa: E402
 from mergekit_core.plugins import PluginHost  # noqa: E402
+from mergekit_core.version import __version__
 
 __all__ = [
     "REQUIRED",

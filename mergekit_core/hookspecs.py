@@ -21,8 +21,6 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     import typer
 
-    from mergekit_core.plugins import PluginHost
-
     from mergekit_core.components import (
         Architecture,
         Evaluator,
@@ -34,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
         SearchStrategy,
         Transform,
     )
+    from mergekit_core.plugins import PluginHost
 
 PROJECT_NAME = "mergekit_core"
 

@@ -68,7 +68,7 @@ def test_a_folder_mk_did_not_write_is_refused_then_replaced_only_with_force(tmp_
     assert forced.exit_code == 0, forced.stderr
     summary = json.loads(forced.stdout)
     assert any("replaced 2 entries" in w and "notes.txt" in w for w in summary["warnings"])
-    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER, "README.md", "config.json", "model.safetensors"]
 
 
 def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused_even_with_force(tmp_path, models):
@@ -102,10 +102,10 @@ def test_a_previous_output_is_replaced_but_not_if_the_user_added_files(tmp_path,
     name = "model.layers.0.self_attn.q_proj.weight"
     b, a1, a2 = (tensors[k][name].double() for k in ("base", "ft1", "ft2"))
     torch.testing.assert_close(load_file(out / "model.safetensors")[name].double(), b + 0.5 * (a1 - b + a2 - b))
-    (out / "README.md").write_text("my model card")
+    (out / "notes.md").write_text("my notes on this model")
     refused = _merge([*_pool_args(paths), "--out", str(out), "--output-dir", str(tmp_path / "art")])
-    _assert_one_line_error(refused, "previous mk output did not write", "README.md")
-    assert (out / "README.md").read_text() == "my model card"
+    _assert_one_line_error(refused, "previous mk output did not write", "notes.md")
+    assert (out / "notes.md").read_text() == "my notes on this model"
 
 
 def test_dry_run_checks_the_output_too(tmp_path, models):

@@ -9,7 +9,12 @@ from typing import Any
 
 import typer
 
-from mergekit_core.cli.evaluation_view import eval_params, point_text, print_eval, print_sweep
+from mergekit_core.cli.evaluation_view import (
+    eval_params,
+    point_text,
+    print_eval,
+    print_sweep,
+)
 from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
 
@@ -118,7 +123,13 @@ class SweepProgress:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("best {task.fields[best]}"),

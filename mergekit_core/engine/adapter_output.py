@@ -15,7 +15,12 @@ from mergekit_core.components import TensorGroup
 from mergekit_core.engine.merger import TensorMerger
 from mergekit_core.engine.plan import MergePlan, TensorPlan
 from mergekit_core.errors import MergeError
-from mergekit_core.io.lowrank import Truncation, concat_factors, factored_svd_truncate, svd_truncate
+from mergekit_core.io.lowrank import (
+    Truncation,
+    concat_factors,
+    factored_svd_truncate,
+    svd_truncate,
+)
 from mergekit_core.io.peft_reader import PREFIX, AdapterReader
 from mergekit_core.io.peft_writer import LoraModuleOut
 

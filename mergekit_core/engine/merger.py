@@ -13,7 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.components import LambdaPolicy, MergeMethod, PrepareContext, TensorGroup, Transform, origin
+from mergekit_core.components import (
+    LambdaPolicy,
+    MergeMethod,
+    PrepareContext,
+    TensorGroup,
+    Transform,
+    origin,
+)
 from mergekit_core.engine.plan import MergePlan, TensorPlan
 from mergekit_core.errors import MergeError, PluginError
 

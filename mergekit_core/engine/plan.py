@@ -14,7 +14,12 @@ from typing import Any, NamedTuple
 
 from mergekit_core.components import Architecture, MergeMethod
 from mergekit_core.config import MergeSpec
-from mergekit_core.engine.sources import Contribution, Source, open_sources, resolve_name
+from mergekit_core.engine.sources import (
+    Contribution,
+    Source,
+    open_sources,
+    resolve_name,
+)
 from mergekit_core.errors import MergeError
 from mergekit_core.io.dtypes import is_float
 from mergekit_core.io.safetensors_header import TensorInfo

@@ -11,7 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mergekit_core.engine.merger import TensorMerger, flushed_to_zero, loses_small_values
+from mergekit_core.engine.merger import (
+    TensorMerger,
+    flushed_to_zero,
+    loses_small_values,
+)
 from mergekit_core.engine.plan import TensorPlan
 from mergekit_core.io.dtypes import all_finite, check_finite, torch_dtype
 from mergekit_core.io.safetensors_header import TensorInfo

@@ -11,11 +11,17 @@ from typing import Any
 
 from mergekit_core.config import MergeSpec
 from mergekit_core.engine.merger import TensorMerger
+from mergekit_core.engine.model_card import write_model_card
 from mergekit_core.engine.plan import MergePlan
 from mergekit_core.engine.report import adapter_report_dict, report_dict
 from mergekit_core.engine.stream import output_infos, stream_merge
 from mergekit_core.errors import UsageError
-from mergekit_core.io.destination import AtomicDirectory, check_destination, check_inside_nothing, relation
+from mergekit_core.io.destination import (
+    AtomicDirectory,
+    check_destination,
+    check_inside_nothing,
+    relation,
+)
 from mergekit_core.io.writer import StreamingSafetensorsWriter, copy_model_files
 
 
@@ -72,6 +78,8 @@ def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_pat
         if config_dir.is_dir():
             hashes.update(copy_model_files(config_dir, tmp))
             hashes.update(plan.finish_model_files(tmp))
+        hashes.update(write_model_card(tmp, out_path.name, spec, plan.method.name, merger.params,
+                                       recipe["lambda_values"], "model"))
     return None, report_dict(plan, report), hashes
 
 
@@ -112,4 +120,6 @@ def write_adapter(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_pa
             metadata={"mergekit_recipe": json.dumps(recipe, default=str, sort_keys=True)},
             allow_nonfinite=merger.allow_nonfinite, warn=merger.warn,
         )
+        hashes.update(write_model_card(tmp, out_path.name, spec, plan.method.name, merger.params,
+                                       recipe["lambda_values"], "adapter"))
     return None, report, hashes

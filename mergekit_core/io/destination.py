@@ -161,7 +161,8 @@ def check_destination(
     if previous is not None and set(entries) <= previous[1] and previous[0] in REPLACEABLE_BY.get(kind, {kind}):
         return []
     if not force:
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        foreign = [e for e in entries if previous is None or e not in previous[1]] or entries
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         if previous is None:
             why = "mk did not write it"
         elif not set(entries) <= previous[1]:

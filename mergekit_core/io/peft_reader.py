@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 
 from mergekit_core.errors import FormatError
 from mergekit_core.io.peft_config import AdapterConfig
-from mergekit_core.io.readers import CheckpointReader, SafetensorsReader, TorchReader, read_json
+from mergekit_core.io.readers import (
+    CheckpointReader,
+    SafetensorsReader,
+    TorchReader,
+    read_json,
+)
 from mergekit_core.io.safetensors_header import TensorInfo
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergekit_core.errors import FormatError
-from mergekit_core.io.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from mergekit_core.io.safetensors_header import (
+    SafetensorsHeader,
+    TensorInfo,
+    read_header,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
