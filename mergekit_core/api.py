@@ -24,6 +24,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "load_merge_config": ("mergekit_core.config", "read a YAML config file"),
     "parse_key_values": ("mergekit_core.config", "KEY=VALUE command-line words into a dict"),
     # reading
+    "command_line_path": ("mergekit_core.io.hub", "a command-line path made absolute, or a Hub model ID kept"),
+    "resolve_hub_model": ("mergekit_core.io.hub", "the cached local folder of a Hub model ID"),
     "open_checkpoint": ("mergekit_core.io.formats", "a lazy reader for a model, file or adapter"),
     "SafetensorsReader": ("mergekit_core.io.readers", "a lazy reader of safetensors files and folders"),
     "TensorInfo": ("mergekit_core.io.safetensors_header", "name, shape and dtype code of a stored tensor"),

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_core.components import closest
-from mergekit_core.errors import ConfigError, MkDeprecationWarning
+from mergekit_core.errors import ConfigError, MkDeprecationWarning, UsageError
+from mergekit_core.io import hub
 
 MERGE_KEYS = {
     "sources", "base_model", "method", "method_params", "merge_mode", "transforms", "lambda_policy",
@@ -276,7 +277,12 @@ class MergeConfig:
         sources = self._sources(d.get("sources"), base_dir, root, problems)
         base = d.get("base_model")
         base_path = self._path(base, base_dir) if base else None
-        if base and not _exists(base_path):
+        if base and not _exists(base_path) and hub.is_repo_id(base):
+            try:
+                base_path = hub.resolve_hub_model(str(base))
+            except UsageError as exc:
+                problems.append(f"base_model: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+        if base and not _exists(base_path) and not any(p.startswith("base_model:") for p in problems):
             problems.append(f"base_model: {_shown(base_path)} does not exist")
         method = component_ref(d.get("method"), "method", problems)
         if method is None and "method" not in d:
@@ -367,6 +373,13 @@ class MergeConfig:
             path = self._path(value, base_dir)
             if not _exists(path) and root is not None:
                 path = self._path(Path(str(root)) / str(value), base_dir)
+            if not _exists(path) and hub.is_repo_id(value):
+                try:
+                    path = hub.resolve_hub_model(str(value))
+                except UsageError as exc:
+                    problems.append(f"sources[{i}]: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+                    continue
+                name = name or str(value).split("/")[-1].split("@")[0]
             if not _exists(path):
                 where = f" or under sources_root {_shown(root)}" if root is not None else ""
                 problems.append(f"sources[{i}]: {_shown(value)} is not a path{where}; check the name")

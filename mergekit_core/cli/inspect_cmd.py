@@ -63,12 +63,15 @@ def _size(n: int) -> str:
 def register(app: typer.Typer, host: PluginHost) -> None:
     @app.command("inspect")
     def inspect(
-        path: Path = typer.Argument(..., help="Model directory, adapter directory, or weights file."),
+        path: str = typer.Argument(..., help="Model directory, adapter directory, weights file, or a Hugging "
+                                   "Face Hub model ID (org/name[@revision])."),
         show_all: bool = typer.Option(False, "--all", help="List every tensor, not only the first 20."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON for machines."),
     ) -> None:
         """Show what a checkpoint or adapter holds (reads headers only)."""
-        info = describe_path(path, host)
+        from mergekit_core.io.hub import is_repo_id, resolve_hub_model
+
+        info = describe_path(resolve_hub_model(path) if is_repo_id(path) else Path(path), host)
         if as_json:
             typer.echo(json.dumps(info, indent=2))
             return

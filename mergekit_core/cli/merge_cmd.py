@@ -11,6 +11,7 @@ import typer
 
 from mergekit_core.cli.evaluation_view import eval_params, print_eval
 from mergekit_core.config import parse_key_values
+from mergekit_core.io.hub import command_line_path
 from mergekit_core.errors import UsageError
 from mergekit_core.plugins import PluginHost
 
@@ -20,7 +21,10 @@ EPILOG = (
 )
 
 
+
+
 def _absolute(path: str | None) -> str | None:
+    """An output path from the command line, relative to the working directory."""
     return str(Path(path).expanduser().absolute()) if path else None
 
 
@@ -230,9 +234,9 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if eval_tasks:
             eval_tasks = list(eval_tasks) + [p for p in extra if p not in extra_sources]
         # paths on the command line are relative to the working directory, not to the config file
-        all_sources = [_absolute(p) for p in list(sources or []) + extra_sources]
+        all_sources = [command_line_path(p) for p in list(sources or []) + extra_sources]
         overrides: dict[str, Any] = {
-            "method": method, "base_model": _absolute(base), "lambda_policy": policy, "merge_mode": mode,
+            "method": method, "base_model": command_line_path(base), "lambda_policy": policy, "merge_mode": mode,
             "seed": seed, "output_dir": _absolute(output_dir), "output.path": _absolute(out),
             "output.kind": kind, "output.dtype": dtype,
             "output.adapter_rank": adapter_rank, "untie_word_embeddings": True if untie else None,

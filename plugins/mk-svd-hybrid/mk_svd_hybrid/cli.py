@@ -9,10 +9,9 @@ from typing import Any
 import typer
 
 from mergekit_core import PluginHost, UsageError
+from mergekit_core.api import command_line_path
 
 
-def _absolute(path: str | None) -> str | None:
-    return str(Path(path).expanduser().absolute()) if path else None
 
 
 def _spec(config: Path | None, sources: list[str], base: str | None, params: dict[str, Any]) -> Any:
@@ -21,9 +20,9 @@ def _spec(config: Path | None, sources: list[str], base: str | None, params: dic
     cfg = load_merge_config(config) if config is not None else MergeConfig.from_dict({}, None)
     if cfg.data.get("method") not in (None, "svd_hybrid"):
         raise UsageError(f"{config}: method is {cfg.data.get('method')!r}; mk svd-hybrid compresses with svd_hybrid")
-    overrides: dict[str, Any] = {"method": "svd_hybrid", "base_model": _absolute(base)}
+    overrides: dict[str, Any] = {"method": "svd_hybrid", "base_model": command_line_path(base)}
     if sources:
-        overrides["sources"] = [_absolute(s) for s in sources]
+        overrides["sources"] = [command_line_path(s) for s in sources]
     if params:
         overrides["method_params"] = cfg.method_params_with(params)
     if config is None and not sources:
