@@ -17,13 +17,13 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" || $(BIN)/pip install --quiet "torch>=2.2"
-	$(BIN)/pip install --quiet -e ".[test]" $(foreach d,$(PLUGIN_DIRS),-e "$(d:/=)[test]")
+	$(BIN)/pip install --quiet -e ".[test,parity]" $(foreach d,$(PLUGIN_DIRS),-e "$(d:/=)[test]")
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python -m mk_digits.benchmark --out demo-output
+	$(BIN)/mk digits bench --out demo-output
 
 test: install
 	$(BIN)/python -m pytest tests $(foreach d,$(PLUGIN_DIRS),$(d)tests) -q

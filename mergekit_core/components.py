@@ -228,6 +228,10 @@ class MergeMethod(Component):
     linear: ClassVar[bool] = False
     needs_prepare: ClassVar[bool] = False
     default_lambda_policy: ClassVar[str] = "scalar"
+    benchmark_grid: ClassVar[dict[str, list[Any]] | None] = None
+    """Parameter name -> values that benchmarks (``mk digits bench``) tune on their validation
+    split, every combination tried; None: the benchmark's own default (a lambda grid when the
+    method has a ``lambda`` parameter, else the defaults); ``{}``: the defaults only."""
 
     def prepare(self, context: PrepareContext, params: dict[str, Any]) -> Any:
         """A global look at every tensor before streaming (thresholds, clustering); returns the
@@ -301,7 +305,18 @@ class LambdaPolicy(Component):
 
 @dataclass
 class OptimizerContext:
-    """What an optimizer may use: the plan, the evaluators, and a way to build merges."""
+    """What an optimizer may use: the plan, the evaluation, and ways to build merges.
+
+    ``spec``: the merge's ``MergeSpec`` (sources, base, method, seed). ``setup``: the evaluation
+    the config names (``evaluator``, ``evaluator_params``, ``eval_tasks``, ``split``) resolved
+    and checked, or None when it names no evaluator. ``evaluate(values)``: each task's primary
+    metric of the merge with those values (None without an evaluator). ``build_merged(values)``:
+    the merged weights in memory. ``host``: the plugin host (``mergekit_core.api.open_task_vectors``
+    takes it). ``progress(event, **fields)``: report steps to the command line (``start``,
+    ``step``, ``end``; may be None). ``artifacts``: file name -> bytes the optimizer wants in the
+    run bundle (its learned coefficients, its curve); ``report``: JSON-able facts recorded under
+    ``optimizer`` in ``merge_metadata.json``.
+    """
 
     plan: Any
     policy: LambdaPolicy
@@ -310,6 +325,12 @@ class OptimizerContext:
     evaluate: Callable[[dict[str, float]], dict[str, float]] | None = None
     build_merged: Callable[[dict[str, float]], dict[str, Any]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    spec: Any = None
+    setup: Any = None
+    host: Any = None
+    progress: Callable[..., None] | None = None
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Optimizer(Component):
@@ -317,9 +338,18 @@ class Optimizer(Component):
 
     kind = "optimizer"
     kind_label = "optimizer"
+    benchmark_runs: ClassVar[dict[str, dict[str, Any]]] = {}
+    """Label -> parameters of the runs a benchmark (``mk digits bench``) makes with this optimizer
+    on a task-arithmetic merge, one row each; ``{}``: none."""
 
     def optimize(self, context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
         raise NotImplementedError
+
+    def lambda_policy(self, params: dict[str, Any]) -> str | None:
+        """The lambda policy whose values this optimizer returns, when it needs a particular one
+        (AdaMerging's granularity); the config may leave ``lambda_policy`` out or name this one.
+        None: the values are for whatever policy the config chose."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -361,6 +391,11 @@ class Evaluator(Component):
     def unlabeled_batches(self, task: str, split: str, params: dict[str, Any]) -> Iterator[Any]:
         """Optional: input batches without labels (what AdaMerging trains on)."""
         raise NotImplementedError(f"{self.label} gives no unlabeled batches")
+
+    def labelled_batches(self, task: str, split: str, params: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+        """Optional: ``(inputs, labels)`` batches (what supervised coefficient learning trains on);
+        ``labels``: a 1-D int64 tensor of class indices into ``forward``'s last dimension."""
+        raise NotImplementedError(f"{self.label} gives no labelled batches")
 
     def forward(self, model: Any, task: str, inputs: Any, params: dict[str, Any]) -> Any:
         """Optional: the model's outputs on ``inputs``, differentiable in the model's tensors."""

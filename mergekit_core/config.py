@@ -471,9 +471,18 @@ def _unique_key_loader() -> type:
 
 def load_merge_config(path: Path | str) -> MergeConfig:
     """Read a YAML config safely; raise ConfigError naming the file on any problem."""
+    path = Path(path)
+    return MergeConfig.from_dict(read_config_yaml(path) or {}, path)
+
+
+def read_config_yaml(path: Path) -> Any:
+    """The YAML document of a config file, read safely (no tags that run code, no duplicate keys).
+
+    Raises:
+        ConfigError: naming the file: missing, unreadable, not UTF-8 text, or not valid YAML.
+    """
     import yaml
 
-    path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -494,4 +503,4 @@ def load_merge_config(path: Path | str) -> MergeConfig:
         raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
     except (ValueError, OverflowError) as exc:  # a value YAML cannot build: a date like 2024-13-01, a huge int
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return MergeConfig.from_dict(data or {}, path)
+    return data

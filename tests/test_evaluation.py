@@ -227,7 +227,7 @@ def test_cli_sweep_and_evaluate(tmp_path, models):
 
 def test_an_optimizer_can_build_and_score_merges(tmp_path, models):
     from mergekit_core import Optimizer
-    from mergekit_core.engine import run_merge
+    from mergekit_core.api import optimize_and_merge
 
     seen = []
 
@@ -254,7 +254,7 @@ def test_an_optimizer_can_build_and_score_merges(tmp_path, models):
     spec = config(tmp_path, models, method="weighted_delta", lambda_policy={"name": "per_task",
                                                                             "params": {"lambdas": [0.5, 0.0]}},
                   optimizer="pick_best").to_spec()
-    result = run_merge(spec, host, in_memory=True)
+    result = optimize_and_merge(spec, host, in_memory=True)
     assert result.lambda_values == {"task.0": 1.0, "task.1": 0.0}  # ft1's own weights score best on ft1
     torch.testing.assert_close(seen[1][1], tensors["ft1"][TENSOR])
     assert seen[1][2]["ft1"] == pytest.approx(0.0, abs=1e-5) and seen[0][2]["ft1"] < 0

@@ -24,8 +24,9 @@ def mk_transforms() -> list[Any]:
 @hookimpl
 def mk_lambda_policies() -> list[Any]:
     from mergekit_core.builtin.policies import POLICIES
+    from mergekit_core.builtin.table_policy import TABLE_POLICIES
 
-    return POLICIES
+    return [*POLICIES, *TABLE_POLICIES]
 
 
 @hookimpl

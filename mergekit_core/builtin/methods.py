@@ -7,9 +7,9 @@ the engine uses the same coefficients to concatenate adapter factors exactly.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from mergekit_core.components import MergeMethod, Param, TensorGroup
+from mergekit_core.components import MergeMethod, Param, PrepareContext, TensorGroup
 from mergekit_core.errors import ParameterError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,6 +36,7 @@ class Uniform(LinearMethod):
     aliases = ("simple_average",)  # FusionBench: the plain mean of the full weights
     description = "Mean of the sources (model soup); for adapters, the mean of their deltas."
     default_lambda_policy = "scalar"
+    benchmark_grid: ClassVar[dict[str, list[Any]] | None] = {}
 
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
         n = len(group.coefficients)
@@ -45,14 +46,18 @@ class Uniform(LinearMethod):
 class Weighted(LinearMethod):
     name = "weighted"
     # mergekit's linear and FusionBench's weighted_average: sum_t w_t theta_t / sum_t w_t, normalised by
-    # default, which is this method's default. Where they differ: with normalize: false and a base,
-    # they return sum_t w_t theta_t and this method theta_0 + sum_t w_t delta_t (the same without a
-    # base); weights summing to 0 are an error here; the weights come from the lambda policy.
+    # default, which is this method's default. Without a base, normalize: false is mergekit's plain
+    # weighted sum of the weights, sum_t w_t theta_t (the engine's weighted-mean check stands aside);
+    # with a base it is theta_0 + sum_t w_t delta_t (mergekit's linear ignores a base: mk config
+    # convert makes it a source). Weights summing to 0 are an error here; they come from the lambda
+    # policy.
     aliases = ("linear", "weighted_average")
     description = "Weighted mean of the sources; weights come from the lambda policy (per_task by default)."
     default_lambda_policy = "per_task"
+    benchmark_grid: ClassVar[dict[str, list[Any]] | None] = {}
     params = (
-        Param("normalize", True, "divide by the sum of the weights (as mergekit's linear)", type=bool),
+        Param("normalize", True, "divide by the sum of the weights (as mergekit's linear); false without a "
+              "base: the plain weighted sum of the sources' weights (mergekit's normalize: false)", type=bool),
     )
 
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
@@ -80,6 +85,7 @@ class TaskArithmetic(PolicyWeighted):
     aliases = ("task_vector",)
     description = "Task arithmetic (Ilharco et al. 2023): base + lambda * sum of task vectors."
     default_lambda_policy = "scalar"
+    benchmark_grid: ClassVar[dict[str, list[Any]] | None] = {"lambda": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7]}
     params = (
         Param(
             "lambda",
@@ -95,6 +101,7 @@ class WeightedDelta(PolicyWeighted):
     name = "weighted_delta"
     description = "base + sum_t lambda_t * delta_t, one lambda per task by default (per_task policy)."
     default_lambda_policy = "per_task"
+    benchmark_grid: ClassVar[dict[str, list[Any]] | None] = {"lambda": [0.1, 0.2, 0.3, 0.4, 0.5, 0.7]}
     params = (Param("lambda", 0.3, "initial lambda of every task when the policy gives none", type=float),)
 
 
@@ -105,16 +112,41 @@ class Slerp(MergeMethod):
     min_sources = 2
     max_sources = 2
     params = (
-        Param("t", 0.5, "interpolation factor: 0 gives the first source, 1 the second", type=float),
+        Param("t", 0.5, "interpolation factor: 0 gives the first source, 1 the second; or rules by tensor-name "
+              "pattern [{match: GLOB, value: V}], V a number or a list across layers (mergekit's t)",
+              type=(float, list)),
         Param("dot_threshold", 0.9995, "above this |cos| the tensors are treated as parallel (lerp)",
               type=float, min=0.0, max=1.0),
     )
+    needs_prepare = True  # only the plan's layers, for t given across layers; no pass over the tensors
+
+    def validate(self, params: dict[str, Any]) -> None:
+        from mergekit_core.builtin.tensor_values import check_rules
+
+        check_rules(params["t"], f"{self.label}: t", lo=-math.inf, hi=math.inf)
+        if isinstance(params["t"], list) and any("values" in rule for rule in params["t"]):
+            raise ParameterError(f"{self.label}: t is one number per tensor; write its rules with 'value', "
+                                 "not 'values'")
+
+    def prepare(self, context: PrepareContext, params: dict[str, Any]) -> list[int]:
+        plan = getattr(context, "plan", None)
+        return list(plan.layers) if plan is not None else []
+
+    def t_for(self, group: TensorGroup, params: dict[str, Any], layers: Any) -> float:
+        """``t`` for one tensor: the number, or the first rule that matches its name."""
+        from mergekit_core.builtin.tensor_values import value_for
+
+        t = value_for(params["t"], group.name, group.layer, 0, layers or [])
+        if t is None:
+            raise ParameterError(f"{self.label}: no rule of t matches tensor {group.name}; "
+                                 "add a rule without 'match' as the last one")
+        return t
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
         import torch
 
         v0, v1 = group.tensors
-        t = params["t"]
+        t = self.t_for(group, params, state)
         n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
         u0 = v0 / n0 if n0 > 1e-8 else v0
         u1 = v1 / n1 if n1 > 1e-8 else v1

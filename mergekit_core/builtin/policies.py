@@ -1,13 +1,16 @@
-"""Built-in lambda policies: scalar, per_layer, per_task, per_task_layer.
+"""Built-in lambda policies: scalar, per_layer, per_task, per_task_layer, per_pattern.
 
 A policy's ``values`` are a flat ``{key: float}`` dict, which is what optimizers and sweeps
 search over. Keys: ``lambda``; ``default`` and ``layer.<i>``; ``task.<t>``;
-``task.<t>`` and ``task.<t>.layer.<i>``. Tensors outside any layer (embeddings, final norms)
-use the default, or the task's own value.
+``task.<t>`` and ``task.<t>.layer.<i>``; ``rule.<r>.task.<t>[.layer.<i>]@<pattern>`` (per_pattern).
+Tensors outside any layer (embeddings, final norms) use the default, or the task's own value.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -155,3 +158,89 @@ class PerTaskLayer(LambdaPolicy):
 
 
 POLICIES = [Scalar(), PerLayer(), PerTask(), PerTaskLayer()]
+
+
+class PerPattern(LambdaPolicy):
+    """Values keyed by tensor-name patterns, per source, optionally varying across layers: what
+    mergekit's ``filter:`` entries and gradient lists express (``mk config convert`` writes it).
+
+    ``rules``: the format of :mod:`mergekit_core.builtin.tensor_values`. Values: ``default`` (when
+    given), ``rule.<r>.task.<t>`` (a number, or the value outside the layers of a gradient) and
+    ``rule.<r>.task.<t>.layer.<i>`` (a gradient at layer ``i``); a rule's pattern follows ``@``
+    in its keys, so that ``resolve`` reads everything from the values.
+    """
+
+    name = "per_pattern"
+    description = ("Lambdas keyed by tensor-name patterns (globs), per source, optionally a gradient across "
+                   "layers (mergekit's filter: and gradient lists).")
+    params = (
+        Param("rules", [], "list of {match: GLOB, value: V} or {match: GLOB, values: [V or null per source]}; "
+              "V is a number or a list interpolated across the layers as mergekit does; the first rule that "
+              "matches and has a value for the source wins", type=list),
+        Param("default", None, "lambda where no rule gives one; defaults to the method's lambda", type=float),
+    )
+
+    def validate(self, params: dict[str, Any]) -> None:
+        from mergekit_core.builtin.tensor_values import check_rules
+
+        check_rules(params["rules"], f"{self.label}: rules", lo=-math.inf, hi=math.inf)
+        for i, rule in enumerate(params["rules"]):
+            if "@" in str(rule.get("match", "")):
+                raise ParameterError(f"{self.label}: rules[{i}].match may not contain '@'")
+
+    def initial_values(self, params: dict[str, Any], num_sources: int, layers: Sequence[int]) -> dict[str, float]:
+        from mergekit_core.builtin.tensor_values import gradient_at
+
+        values: dict[str, float] = {}
+        if params["default"] is not None:
+            values["default"] = float(params["default"])
+        for r, rule in enumerate(params["rules"]):
+            if "values" in rule and len(rule["values"]) != num_sources:
+                raise ParameterError(f"{self.label}: rules[{r}].values has {len(rule['values'])} entries but there "
+                                     f"are {num_sources} sources; give one per source (null: none), in source order")
+            suffix = f"@{rule['match']}" if "match" in rule else ""
+            for t in range(num_sources):
+                v = rule["value"] if "value" in rule else rule["values"][t]
+                if v is None:
+                    continue
+                values[f"rule.{r}.task.{t}{suffix}"] = float(gradient_at(v, None, layers) if isinstance(v, list) else v)
+                if isinstance(v, list):
+                    for layer in layers:
+                        values[f"rule.{r}.task.{t}.layer.{layer}{suffix}"] = float(gradient_at(v, layer, layers))
+        return values
+
+    def resolve(self, tensor_name: str, layer: int | None, source_index: int,
+                values: Mapping[str, float]) -> float:
+        for pattern, entries in _pattern_index(tuple(values)):
+            if pattern is not None and not fnmatch.fnmatchcase(tensor_name, pattern):
+                continue
+            keys = entries.get(source_index)
+            if keys is None:
+                continue
+            base_key, by_layer = keys
+            return values[by_layer.get(layer, base_key)] if layer is not None else values[base_key]
+        if "default" in values:
+            return values["default"]
+        raise ParameterError(f"{self.label}: no rule gives source {source_index} a lambda for tensor "
+                             f"{tensor_name or '(any)'}, and there is no default",
+                             hint="add a rule without 'match', or give 'default' (or the method's lambda)")
+
+
+@functools.lru_cache(maxsize=16)
+def _pattern_index(keys: tuple[str, ...]) -> list[tuple[str | None, dict[int, tuple[str, dict[int, str]]]]]:
+    """The ``per_pattern`` values' keys, by rule in order: (pattern, source -> (key, layer -> key))."""
+    rules: dict[int, tuple[str | None, dict[int, tuple[str, dict[int, str]]]]] = {}
+    for key in keys:
+        head, _, pattern = key.partition("@")
+        parts = head.split(".")
+        if parts[0] != "rule" or len(parts) not in (4, 6):
+            continue
+        r, t = int(parts[1]), int(parts[3])
+        _, entries = rules.setdefault(r, (pattern if "@" in key else None, {}))
+        base, by_layer = entries.setdefault(t, (f"rule.{r}.task.{t}" + (f"@{pattern}" if "@" in key else ""), {}))
+        if len(parts) == 6:
+            by_layer[int(parts[5])] = key
+    return [rules[r] for r in sorted(rules)]
+
+
+POLICIES.append(PerPattern())

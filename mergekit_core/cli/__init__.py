@@ -34,7 +34,7 @@ def _version(value: bool) -> None:
 
 def build_app(host: PluginHost) -> typer.Typer:
     """The Typer app for one host: the core's command groups plus every plugin's."""
-    from mergekit_core.cli import evaluate_cmd, inspect_cmd, merge_cmd, plugins_cmd
+    from mergekit_core.cli import config_cmd, evaluate_cmd, inspect_cmd, merge_cmd, plugins_cmd
 
     app = typer.Typer(
         name="mk",
@@ -57,6 +57,7 @@ def build_app(host: PluginHost) -> typer.Typer:
     inspect_cmd.register(app, host)
     evaluate_cmd.register(app, host)
     app.add_typer(plugins_cmd.make_app(host), name="plugins")
+    config_cmd.register(app, host)
     host.register_commands(app)
     _plain_flags()
     return app

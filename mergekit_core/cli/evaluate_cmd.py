@@ -1,4 +1,4 @@
-"""`mk evaluate` and `mk sweep`."""
+"""`mk evaluate` and `mk sweep` (run a sweep, or `mk sweep show` a finished one)."""
 
 from __future__ import annotations
 
@@ -94,13 +94,52 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         else:
             print_eval(result)
 
-    @app.command("sweep")
+    sweep_app = typer.Typer(cls=_sweep_group(), help=(
+        "Evaluate a grid (or a plugin's search) of merges: 'mk sweep CONFIG' runs one, "
+        "'mk sweep show SWEEP_JSON' prints a finished one."))
+    app.add_typer(sweep_app, name="sweep")
+
+    @sweep_app.command("show")
+    def show(
+        paths: list[Path] = typer.Argument(..., help="Sweep summaries (sweep_*.json in the combo's sweeps/ folder)."),
+        limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many points of each."),
+        order: str = typer.Option("score", "--order", help="score (best first) or run (evaluation order)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (a list for several)."),
+    ) -> None:
+        """Print finished sweeps' points as tables (with a Bayesian search's predictions)."""
+        from mergekit_core.cli.evaluation_view import print_sweep_points
+        from mergekit_core.outputs import read_json
+
+        if order not in ("score", "run"):
+            raise UsageError(f"--order must be score or run, got {order!r}")
+        results = []
+        for path in paths:
+            try:
+                result = read_json(path)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"{path}: cannot read a sweep summary ({exc})",
+                                 hint="give a sweep_*.json that mk sweep wrote") from None
+            if not isinstance(result, dict) or not isinstance(result.get("points"), list):
+                raise UsageError(f"{path}: not a sweep summary (no 'points' list)",
+                                 hint="give a sweep_*.json that mk sweep wrote, not its journal")
+            results.append(result)
+        if as_json:
+            typer.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+            return
+        for path, result in zip(paths, results):
+            if len(results) > 1:
+                typer.echo(str(path))
+            print_sweep_points(result, limit=limit, order=order)
+
+    @sweep_app.command("run")
     def sweep(
         config: Path = typer.Argument(..., help="A merge config with a search block and an evaluator (eval_tasks: default all its tasks)."),
         resume: bool = typer.Option(False, "--resume", help="Continue after a crash: skip finished points."),
         as_json: bool = typer.Option(False, "--json", help="Print the sweep result as JSON."),
     ) -> None:
-        """Evaluate a grid (or a plugin's search) of merges; rank points by max-min interference."""
+        """Evaluate a grid (or a plugin's search) of merges; rank points by max-min interference.
+
+        'mk sweep show SWEEP_JSON' prints a finished sweep's points."""
         from mergekit_core.config import load_merge_config
         from mergekit_core.evaluation.sweep import run_sweep
 
@@ -116,6 +155,20 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if best:
             typer.echo(f"best: {point_text(best['point'])} (worst-task interference {best['score']:+.4f}, "
                        f"mean {best['summary']['mean_metric']:.4f})")
+
+
+def _sweep_group() -> type:
+    """``mk sweep``: a group whose default command is ``run``, so ``mk sweep CONFIG`` (and ``mk sweep
+    --help``) keep working beside ``mk sweep show SWEEP_JSON``."""
+    from typer.core import TyperGroup
+
+    class SweepGroup(TyperGroup):
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            if not args or args[0] not in self.commands:
+                args = ["run", *args]
+            return super().parse_args(ctx, args)
+
+    return SweepGroup
 
 
 class SweepProgress:

@@ -75,3 +75,45 @@ def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
     if skipped:
         typer.echo(f"{len(skipped)} {'point' if len(skipped) == 1 else 'points'} skipped "
                    f"({skipped[0].get('skipped') or 'no score'})")
+
+
+def print_sweep_points(result: dict[str, Any], limit: int = 50, order: str = "score") -> None:
+    """``mk sweep show``: every point of a sweep summary (best first, or in evaluation order), its
+    score and mean, and what the search predicted for it when it recorded that (a Bayesian search:
+    phase, GP mean and deviation)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    points = list(enumerate(result["points"], 1))
+    if order == "score":
+        points.sort(key=lambda t: (t[1].get("score") is None, -(t[1].get("score") or 0.0),
+                                   -((t[1].get("summary") or {}).get("mean_metric") or float("-inf"))))
+    best = result.get("best") or {}
+    predicted = any(r.get("proposal") for _, r in points)
+    search = result.get("search") or {}
+    table = Table(title=f"sweep ({search.get('type', '?')}): {result.get('method')} on {result.get('split')}, "
+                        f"scored by {result.get('ranking')}")
+    columns = ["#", "point", "score", "mean"] + (["phase", "predicted", "± sd"] if predicted else [])
+    for col in columns:
+        table.add_column(col, overflow="fold", justify="left" if col in ("point", "phase") else "right")
+    for number, r in points[:limit]:
+        score = "-" if r.get("score") is None else f"{r['score']:+.4f}"
+        mean = (r.get("summary") or {}).get("mean_metric")
+        mark = " *" if best and r.get("point") == best.get("point") else ""
+        row = [f"{number}{mark}", point_text(r["point"]), score, "-" if mean is None else f"{mean:.4f}"]
+        if predicted:
+            p = r.get("proposal") or {}
+            row += [str(p.get("phase", "-")),
+                    "-" if p.get("mean") is None else f"{p['mean']:+.4f}",
+                    "-" if p.get("sd") is None else f"{p['sd']:.4f}"]
+        table.add_row(*row)
+    Console().print(table)
+    if len(points) > limit:
+        typer.echo(f"{len(points) - limit} more points (--limit, or --json)")
+    warm = (result.get("warm_start") or {})
+    if warm.get("points"):
+        typer.echo(f"warm start: {warm['points']} points from {len(warm.get('used') or {})} earlier sweep(s)")
+    if best:
+        typer.echo(f"best (*): {point_text(best['point'])}, score {best['score']:+.4f}")
+    if result.get("plot"):
+        typer.echo(f"plot: {result['plot']}")

@@ -29,9 +29,10 @@ def _absolute(path: str | None) -> str | None:
 
 
 def build_spec(config: Path | None, overrides: dict[str, Any]) -> Any:
-    from mergekit_core.config import MergeConfig, load_merge_config
+    from mergekit_core.cli.config_cmd import load_config
+    from mergekit_core.config import MergeConfig
 
-    cfg = load_merge_config(config) if config is not None else MergeConfig.from_dict({}, None)
+    cfg = load_config(config)[0] if config is not None else MergeConfig.from_dict({}, None)
     return cfg.with_overrides(overrides).to_spec()
 
 
@@ -103,6 +104,39 @@ class RichProgress:
             self.phase = None
 
 
+class OptimizerProgress:
+    """An optimizer's steps as a rich progress bar on stderr: ``start`` (total, label), ``step``
+    (step, loss), ``end``."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self.task: Any = None
+
+    def __call__(self, event: str, **info: Any) -> None:
+        if event == "start":
+            self.progress.start()
+            self.task = self.progress.add_task(info.get("label", "optimizing"), total=info.get("total"),
+                                               loss="-", rate="")
+        elif event == "step" and self.task is not None:
+            task = self.progress.tasks[0]
+            rate = f"{task.completed / task.elapsed:.1f} steps/s" if task.elapsed else ""
+            self.progress.update(self.task, completed=info.get("step", task.completed + 1),
+                                 loss=f"{info.get('loss', float('nan')):.4f}", rate=rate)
+        elif event == "end":
+            self.close()
+
+    def close(self) -> None:
+        if self.progress.live.is_started:
+            self.progress.stop()
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -117,15 +151,19 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
     from rich.markup import escape
     from rich.table import Table
 
-    from mergekit_core.engine.lambdas import lambda_values
+    from mergekit_core.engine.lambdas import initial_values, lambda_values
     from mergekit_core.engine.plan import build_plan
     from mergekit_core.engine.resolve import resolve_components
     from mergekit_core.engine.run import merged_weights
+    from mergekit_core.evaluation.optimize import with_optimizer_policy
 
+    spec = with_optimizer_policy(spec, host)
     comps = resolve_components(spec, host)
     plan = build_plan(spec, host, comps.method)
     try:
-        values = lambda_values(plan, comps, host, merged_weights(spec, host))
+        learns = spec.optimizer.name != "none"
+        values = (initial_values(plan, comps) if learns else
+                  lambda_values(plan, comps, host, merged_weights(spec, host)))
         console = Console()
         console.print(f"[bold]dry run[/]: {comps.method.name} of {len(plan.sources)} sources "
                       f"-> {plan.output_kind}" + (f" at {spec.output.path}" if spec.output.path else ""))
@@ -151,14 +189,18 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
         for note in plan.notes[:10]:
             console.print(f"  note: {escape(note)}")
         layers = plan.layers
-        lam = Table(title=f"lambda per source ({comps.policy.name})")
+        title = f"lambda per source ({comps.policy.name})"
+        if learns:
+            title = f"initial lambda per source ({comps.policy.name}; optimizer {comps.optimizer.name} learns them)"
+        lam = Table(title=title)
         lam.add_column("layer")
         for s in plan.sources:
             lam.add_column(escape(s.name))
         shown = ([None] + layers) if len(layers) <= 12 else [None] + layers[:6] + layers[-6:]
         for layer in shown:
-            row = [comps.policy.resolve("", layer, i, values) for i in range(len(plan.sources))]
-            lam.add_row("no layer" if layer is None else str(layer), *(f"{v:g}" for v in row))
+            row = [_shown_lambda(comps.policy, _tensor_of(plan, layer), layer, i, values)
+                   for i in range(len(plan.sources))]
+            lam.add_row("no layer" if layer is None else str(layer), *row)
         console.print(lam)
         per_tensor = [(len(plan.sources) + 3) * t.numel * 4 for t in merged] or [0]
         peak = 2 * max(per_tensor)
@@ -169,6 +211,20 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
                 "estimated_peak_bytes": peak}
     finally:
         plan.close()
+
+
+def _tensor_of(plan: Any, layer: int | None) -> str:
+    """A merged tensor of ``layer`` (the dry run's lambda table resolves for it), else ""."""
+    return next((t.name for t in plan.tensors if t.layer == layer and t.action == "merge"), "")
+
+
+def _shown_lambda(policy: Any, name: str, layer: int | None, source: int, values: Any) -> str:
+    from mergekit_core.errors import MergekitError
+
+    try:
+        return f"{policy.resolve(name, layer, source, values):g}"
+    except MergekitError:
+        return "-"
 
 
 def _evaluate_result(setup: Any, host: PluginHost, spec: Any, result: Any) -> dict[str, Any]:
@@ -249,10 +305,21 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if lam is not None:
             method_params["lambda"] = lam
         config_path = Path(configs[0]) if configs else None
-        if method_params:
-            from mergekit_core.config import load_merge_config
+        translation = None
+        if config_path is not None:  # a mergekit config is translated (mergekit_core.mergekit_compat)
+            from mergekit_core.cli.config_cmd import load_config, translation_yaml
 
-            overrides["method_params"] = (load_merge_config(config_path).method_params_with(method_params)
+            translation = load_config(config_path)[1]
+            if translation is not None:
+                if dry_run and not as_json:
+                    typer.echo(translation_yaml(translation, config_path))
+                elif not quiet and not as_json:
+                    for note in translation.notes:
+                        typer.echo(f"note: {note}", err=True)
+        if method_params:
+            from mergekit_core.cli.config_cmd import load_config
+
+            overrides["method_params"] = (load_config(config_path)[0].method_params_with(method_params)
                                           if config_path else method_params)
         if config_path is None and not all_sources:
             raise UsageError("nothing to merge: give a config file or --sources", hint="see 'mk merge --help'")
@@ -267,9 +334,11 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         if dry_run:
             info = print_plan(spec, host)
             if as_json:
+                if translation is not None:
+                    info["mergekit_translation"] = {"config": translation.config, "notes": translation.notes}
                 typer.echo(json.dumps(info))
             return
-        from mergekit_core.engine import run_merge
+        from mergekit_core.evaluation.optimize import optimize_and_merge
 
         setup = None
         if eval_tasks:  # checked before merging, like everything else
@@ -279,12 +348,14 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                                     tasks=list(eval_tasks), split=split or spec.sweep.get("split") or "test")
         show = not quiet and not as_json and sys.stderr.isatty()
         bar = RichProgress() if show else None
+        steps = OptimizerProgress() if show else None
         try:
-            result = run_merge(spec, host, progress=bar, allow_nonfinite=allow_nonfinite,
-                               hash_inputs=hash_inputs, force=force)
+            result = optimize_and_merge(spec, host, progress=bar, optimizer_progress=steps,
+                                        allow_nonfinite=allow_nonfinite, hash_inputs=hash_inputs, force=force)
         finally:
-            if bar is not None:
-                bar.close()
+            for shown in (steps, bar):
+                if shown is not None:
+                    shown.close()
         evaluation = _evaluate_result(setup, host, spec, result) if setup is not None else None
         summary = {
             "method": result.method, "output_kind": result.output_kind,
@@ -297,6 +368,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             "wall_time_s": result.metadata["wall_time_s"], "warnings": result.metadata["warnings"],
             "evaluation": evaluation,
         }
+        if spec.optimizer.name != "none":
+            summary["optimizer"] = result.metadata["optimizer"]
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
             return
@@ -314,6 +387,9 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             else:
                 lines.append(f"adapter: {exact} modules exact (factors concatenated), {truncated} truncated by SVD "
                              f"keeping {summary['energy_kept']:.4%} of their energy")
+        learned = (summary.get("optimizer") or {}).get("report") or {}
+        if learned.get("summary"):
+            lines.append(f"optimizer {spec.optimizer.name}: {learned['summary']}")
         lines.append(f"{result.output_kind}: {summary['output']}")
         lines.append(f"run bundle: {summary['run_dir']}")
         for w in summary["warnings"]:

@@ -112,6 +112,13 @@ class TensorMerger:
         tensors = [None if key is None else got.pop(0) for key in keys]
         return Raw(base, tensors)
 
+    def read_copy(self, t: TensorPlan) -> torch.Tensor:
+        """The stored value of a tensor the merge copies: from the base, or from the one source
+        that has it."""
+        if t.copy_from is None:
+            return self.plan.base.get(t.base_key or t.name)
+        return self.plan.sources[t.copy_from].reader.get(t.contributions[t.copy_from].key)
+
     def _readers(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="mk-pread")
@@ -125,13 +132,16 @@ class TensorMerger:
     def _owned(self, reader: Any, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype) if getattr(reader, "owns_tensors", False) else own(x, self.dtype)
 
-    def deltas(self, t: TensorPlan, raw: Raw) -> Inputs:
-        """Per-source deltas (or weights, without a base) in the compute dtype."""
+    def deltas(self, t: TensorPlan, raw: Raw, skip: frozenset[int] = frozenset()) -> Inputs:
+        """Per-source deltas (or weights, without a base) in the compute dtype; the sources in
+        ``skip`` are left out (their deltas are computed elsewhere)."""
         import torch
 
         basef = raw.base.to(self.dtype) if raw.base is not None else None
         tensors, indices = [], []
         for i, c in enumerate(t.contributions):
+            if i in skip:
+                continue
             if c is None:
                 if not self.weights_without_base:  # a missing source adds a zero delta (union)
                     tensors.append(torch.zeros(t.shape, dtype=self.dtype))
@@ -272,7 +282,8 @@ class TensorMerger:
         weights_space = self.method.space == "weights" and base is not None
         names = [self.plan.sources[i].name for i in inputs.indices]
         group = self.group(t, inputs)
-        if self.weights_without_base and self.method.linear:
+        if self.weights_without_base and self.method.linear and self.params.get("normalize") is not False:
+            # normalize: false (weighted, mergekit's linear) asks for the plain weighted sum
             total = sum(self.linear_coefficients(group))
             if abs(total - 1.0) > SUM_TOLERANCE:
                 raise MergeError(
@@ -326,6 +337,8 @@ def checked_output(component: Any, name: str, out: Any, shape: tuple[int, ...]) 
     """
     import torch
 
+    if isinstance(out, torch.Tensor) and tuple(out.shape) == tuple(shape) and out.is_floating_point():
+        return out  # the usual case: origin() below reads package metadata (0.5 s), only for the message
     what = f"{component.label} ({origin(component)}) returned"
     hint = "merge() and apply() must return a floating-point torch.Tensor of the input's shape"
     if not isinstance(out, torch.Tensor):

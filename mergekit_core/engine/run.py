@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,12 +62,17 @@ def run_merge(
     values: dict[str, float] | None = None,
     write_bundle: bool = True,
     force: bool = False,
+    artifacts: Mapping[str, bytes] | None = None,
+    optimizer_report: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Plan, choose lambdas, stream the merge, and record it.
 
     ``in_memory``: return the merged tensors in ``result.state_dict`` and write no model files.
-    ``values``: lambda-policy values to use instead of asking the optimizer (sweeps do this).
+    ``values``: lambda-policy values to use instead of asking the optimizer (sweeps, and
+    ``mergekit_core.evaluation.optimize.optimize_and_merge`` for optimizers that score merges).
     ``force``: replace a non-empty ``output.path`` that ``mk`` did not write (never an input).
+    ``artifacts``: file name -> bytes written into the run bundle (an optimizer's coefficients);
+    ``optimizer_report``: recorded under ``optimizer.report`` in ``merge_metadata.json``.
 
     Raises:
         UsageError: the output or the run-bundle root would replace or lie inside an input, or
@@ -121,7 +126,8 @@ def run_merge(
                 "lambda_policy": {"name": comps.policy.name, "params": comps.policy_params},
                 "lambda_values": chosen,
                 "transforms": [{"name": t.name, "params": p} for t, p in comps.transforms],
-                "optimizer": {"name": comps.optimizer.name, "params": comps.optimizer_params},
+                "optimizer": {"name": comps.optimizer.name, "params": comps.optimizer_params,
+                              **({"report": dict(optimizer_report)} if optimizer_report else {})},
                 "seed": spec.seed,
                 "spec": spec.to_json(),
                 "config": spec.to_config(),
@@ -137,6 +143,8 @@ def run_merge(
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
             if staging is not None:
+                for name, data in (artifacts or {}).items():
+                    (staging / name).write_bytes(data)
                 write_json(staging / "merge_metadata.json", metadata)
                 write_json(staging / "summary.json", {
                     "method": comps.method.name, "sources": [s.name for s in plan.sources],

@@ -64,10 +64,7 @@ def _work(merger: TensorMerger, t: TensorPlan) -> tuple[TensorPlan, Any]:
     if t.action == "merge":
         return t, merger.read(t)
     if t.action == "copy":
-        if t.copy_from is None:
-            return t, merger.plan.base.get(t.base_key or t.name)
-        source = merger.plan.sources[t.copy_from]
-        return t, source.reader.get(t.contributions[t.copy_from].key)
+        return t, merger.read_copy(t)
     return t, None
 
 

@@ -8,6 +8,14 @@ interrupted by a crash or Ctrl-C continues where it stopped.
 
 Point keys: a parameter of the method (``lambda``, ``k``, ...), or ``policy.<name>`` for a
 lambda-policy parameter (``policy.lambdas``); a bare name that only the policy has also works.
+
+``search.objective`` changes the score: ``worst`` (the default, max-min as above), ``mean`` (the
+mean metric over the tasks) or a task's name (that task's metric, direction-adjusted).
+
+A strategy may do more than ``ask``/``tell`` (docs/hooks/mk_search_strategies.md): with
+``start_sweep(space, params, seed, sweep)`` it receives a :class:`SweepContext` (what is swept,
+for warm starts); its search may take the journal of an interrupted run (``resume``), say what it
+predicted for a point (``proposal``, recorded with the point) and add to the summary (``finish``).
 """
 
 from __future__ import annotations
@@ -24,16 +32,17 @@ from typing import Any
 from mergekit_core.components import closest
 from mergekit_core.config import MergeConfig, MergeSpec
 from mergekit_core.engine.resolve import resolve_components
-from mergekit_core.engine.run import run_merge
 from mergekit_core.engine.write import input_paths
 from mergekit_core.errors import ConfigError
 from mergekit_core.evaluation.evaluate import evaluate_result
+from mergekit_core.evaluation.optimize import optimize_and_merge
 from mergekit_core.evaluation.scoring import EvalSetup, setup_from_spec
 from mergekit_core.io.destination import check_inside_nothing
 from mergekit_core.outputs import combo_dir, write_json
 from mergekit_core.plugins import PluginHost
 
-SEARCH_KEYS = ("type", "grid", "space")
+SEARCH_KEYS = ("type", "grid", "space", "objective")
+OBJECTIVES = ("worst", "mean")
 
 
 @dataclass
@@ -50,6 +59,25 @@ class SweepPlan:
     journal: Path
     save_merged: bool
     nonnegative: bool
+    objective: str = "worst"
+
+
+@dataclass
+class SweepContext:
+    """What a strategy's ``start_sweep`` learns about the sweep (all known before any merge).
+
+    ``identity``: the fields two sweeps must share for their points to be comparable (method,
+    sources, merge_mode, split, eval_tasks, constraint_nonnegative, objective). ``score(record)``:
+    the objective of any sweep record (one from an earlier sweep's summary too), or None.
+    """
+
+    identity: dict[str, Any]
+    num_sources: int
+    score: Callable[[dict[str, Any]], float | None]
+    layers: Callable[[], list[int]]
+    """The merge's layer indices (reads headers only, when called)."""
+    base_dir: Path
+    """Where relative paths in the search block start: the config file's folder (else the cwd)."""
 
 
 def _targets(space: dict[str, Any], spec: MergeSpec, host: PluginHost) -> tuple[dict[str, str], str]:
@@ -87,14 +115,68 @@ def plan_sweep(config: MergeConfig, host: PluginHost, *, evaluator: str | None =
         raise ConfigError(f"search: give the {'grid' if kind == 'grid' else 'space'} to search, "
                           "e.g. grid: {lambda: [0.1, 0.2, 0.3]}")
     seed = int(search.get("seed", spec.seed))
+    objective = str(search.get("objective", "worst"))
     strategy_params = strategy.resolve_params({k: v for k, v in search.items() if k not in (*SEARCH_KEYS, "seed")})
     targets, policy_name = _targets(space, spec, host)
     setup = setup_from_spec(host, spec, evaluator=evaluator)
+    task_names = [t.name for t in setup.tasks]
+    if objective not in (*OBJECTIVES, *task_names):
+        guess = closest(objective, [*OBJECTIVES, *task_names])
+        raise ConfigError(f"search: objective '{objective}' is neither worst, mean nor one of the evaluated "
+                          f"tasks ({', '.join(task_names)})" + (f"; did you mean '{guess}'?" if guess else ""))
     identity = json.dumps({"spec": spec.to_json(), "search": search}, sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     journal = combo_dir(spec.output_dir, spec.method.name, spec.task_combo) / "sweeps" / f"journal_{digest}.jsonl"
     return SweepPlan(config, spec, setup, strategy, strategy_params, space, seed, targets, policy_name, journal,
-                     bool(spec.sweep.get("save_merged", False)), bool(spec.sweep.get("constraint_nonnegative", False)))
+                     bool(spec.sweep.get("save_merged", False)), bool(spec.sweep.get("constraint_nonnegative", False)),
+                     objective)
+
+
+def sweep_identity(plan: SweepPlan) -> dict[str, Any]:
+    """The fields that make two sweeps' scores comparable (the warm-start matching rule)."""
+    return {"method": plan.spec.method.name, "sources": [s.name for s in plan.spec.sources],
+            "merge_mode": plan.spec.merge_mode, "split": plan.setup.split,
+            "eval_tasks": [t.name for t in plan.setup.tasks], "constraint_nonnegative": plan.nonnegative,
+            "objective": plan.objective}
+
+
+def objective_score(plan: SweepPlan, record: dict[str, Any]) -> float | None:
+    """A record's score under the plan's objective (higher is better), None without one."""
+    summary = record.get("summary") or {}
+    if plan.objective == "worst":
+        score = summary.get("min_interference_delta")
+        return summary.get("min_metric") if score is None else score
+    if plan.objective == "mean":
+        return summary.get("mean_metric")
+    value = (record.get("metrics") or {}).get(plan.objective)
+    task = next(t for t in plan.setup.tasks if t.name == plan.objective)
+    return None if value is None else (value if task.higher_is_better else -value)
+
+
+RANKINGS = {"worst": "max-min interference delta (the worst task's merged minus own metric)",
+            "mean": "mean metric over the tasks"}
+
+
+def _layers(plan: SweepPlan, host: PluginHost) -> list[int]:
+    from mergekit_core.engine.plan import build_plan
+
+    merge_plan = build_plan(plan.spec, host, resolve_components(plan.spec, host).method)
+    try:
+        return merge_plan.layers
+    finally:
+        merge_plan.close()
+
+
+def start_search(plan: SweepPlan, host: PluginHost) -> Any:
+    """The strategy's search, given the sweep's context when the strategy takes it."""
+    start_sweep = getattr(plan.strategy, "start_sweep", None)
+    if start_sweep is None:
+        return plan.strategy.start(plan.space, plan.strategy_params, plan.seed)
+    context = SweepContext(identity=sweep_identity(plan), num_sources=len(plan.spec.sources),
+                           score=lambda record: objective_score(plan, record),
+                           layers=lambda: _layers(plan, host),
+                           base_dir=plan.spec.config_file.parent if plan.spec.config_file else Path.cwd())
+    return start_sweep(plan.space, plan.strategy_params, plan.seed, context)
 
 
 def point_config(plan: SweepPlan, point: dict[str, Any]) -> MergeConfig:
@@ -153,9 +235,14 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
         set_aside = plan.journal.with_name(f"{plan.journal.stem}.before_{stamp}.jsonl")
         os.replace(plan.journal, set_aside)
     repair_journal(plan.journal)
-    done = {_key(r["point"]): r for r in read_journal(plan.journal)}
-    search = plan.strategy.start(plan.space, plan.strategy_params, plan.seed)
+    journaled = read_journal(plan.journal)
+    done = {_key(r["point"]): r for r in journaled}
+    search = start_search(plan, host)
     records: list[dict[str, Any]] = []
+    if journaled and hasattr(search, "resume"):  # the search refits from the journal, in its order
+        search.resume(journaled)
+        records = list(done.values())
+    listed = {_key(r["point"]) for r in records}
     started = time.time()
     if progress:
         progress("start", total=getattr(search, "size", None), resumed=len(done))
@@ -163,13 +250,19 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
         key = _key(point)
         if key in done:
             record = done[key]
+            if key in listed:  # a resumed search proposed a journaled point again: nothing to do
+                continue
         elif plan.nonnegative and _negative(point):
             record = {"point": point, "skipped": "negative values (constraint_nonnegative)", "score": None}
             _append(plan.journal, record)
         else:
             record = _evaluate_point(plan, host, point)
+            proposal = search.proposal(point) if hasattr(search, "proposal") else None
+            if proposal is not None:
+                record["proposal"] = proposal
             _append(plan.journal, record)
         records.append(record)
+        listed.add(key)
         if record.get("score") is not None:
             search.tell(point, record["score"])
         if progress:
@@ -179,13 +272,17 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
         "sources": [s.name for s in plan.spec.sources],
         "search": {"type": plan.strategy.name, "space": plan.space, "params": plan.strategy_params},
         "split": plan.setup.split, "eval_tasks": [t.name for t in plan.setup.tasks],
-        "ranking": "max-min interference delta (the worst task's merged minus own metric)",
+        "merge_mode": plan.spec.merge_mode, "constraint_nonnegative": plan.nonnegative,
+        "objective": plan.objective,
+        "ranking": RANKINGS.get(plan.objective, f"task {plan.objective}'s metric"),
         "points": records, "best": _best(records), "wall_time_s": round(time.time() - started, 2),
         "journal": str(plan.journal),
         "previous_journal": str(set_aside) if set_aside else None,
     }
     stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
     path = plan.journal.parent / f"sweep_{stamp}.json"
+    if hasattr(search, "finish"):
+        result.update(search.finish(result, path.with_suffix("")) or {})
     write_json(path, result)
     result["path"] = str(path)
     if progress:
@@ -196,17 +293,16 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
 def _evaluate_point(plan: SweepPlan, host: PluginHost, point: dict[str, Any]) -> dict[str, Any]:
     t0 = time.time()
     spec = point_config(plan, point).to_spec()
-    merged = run_merge(spec, host, in_memory=not plan.save_merged, write_bundle=plan.save_merged)
+    merged = optimize_and_merge(spec, host, in_memory=not plan.save_merged, write_bundle=plan.save_merged)
     model = merged.state_dict if merged.state_dict is not None else merged.output_path
     t1 = time.time()
     tag = None if merged.run_dir else "sweep_" + hashlib.sha256(_key(point).encode()).hexdigest()[:8]
     result = evaluate_result(plan.setup, host, spec, merged, model=model, params=point, tag=tag)
     summary = result["summary"]
-    score = summary["min_interference_delta"]
-    if score is None:  # no source is named after a task: rank by the worst task's own metric
-        score = summary["min_metric"]
-    return {"point": point, "score": score, "summary": summary,
-            "metrics": {t: e["value"] for t, e in result["tasks"].items()},
+    record = {"point": point, "summary": summary, "metrics": {t: e["value"] for t, e in result["tasks"].items()}}
+    # worst: without a source named after a task, the worst task's own metric ranks
+    return {"point": point, "score": objective_score(plan, record), "summary": summary,
+            "metrics": record["metrics"],
             "interference_delta": {t: e["interference_delta"] for t, e in result["tasks"].items()},
             "lambda_values": merged.lambda_values, "merge_s": round(t1 - t0, 3),
             "eval_s": round(time.time() - t1, 3)}

@@ -2,7 +2,7 @@
 
 Layout of the pool directory::
 
-    pool.json                   tasks, seeds, settings, accuracies (zero-shot, fine-tuned, adapter)
+    pool.json                   benchmark version, settings, accuracies (zero-shot, fine-tuned, adapter)
     base/                       the pretrained backbone (model.safetensors + config.json)
     <task>/                     the backbone fine-tuned on that task (full checkpoint)
     lora/<task>/                the same fine-tune as a PEFT LoRA adapter (truncated SVD of the delta)
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,10 +27,30 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mergekit_core.api import AtomicDirectory
-from mk_digits.data import TASKS, num_classes, task_data
+from mk_digits.data import SHIFT, TASKS, num_classes, task_data
 from mk_digits.model import Backbone, head_logits, make_head
 
 MODEL_CONFIG = {"model_type": "mk-digits-mlp", "architectures": ["Backbone"], "in_features": 64}
+BENCHMARK_VERSION = 2
+"""Recorded in pool.json; a pool of another version is rebuilt by :func:`build_pool` and refused by
+the evaluator. 1: heads centred the features on a frozen mean feature; `shifted` moved images along
+both axes. 2: only the prototypes are centred (the notes' recipe); `shifted` moves images along one
+axis (benchmarks/shifted_task.py)."""
+BUILD_THREADS = 1
+"""torch threads while building: these models are too small for intra-op threads to pay off
+(benchmarks/build_time.py on a loaded 2-core machine: 35-42 s with one thread, 539 s with torch's
+default of two)."""
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the previous number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -93,12 +114,20 @@ def heads_for(model: Backbone, settings: BuildSettings) -> dict[str, dict[str, t
 
 
 def finetune(base: Backbone, task: str, head: dict[str, torch.Tensor], settings: BuildSettings) -> Backbone:
-    g = torch.Generator().manual_seed(settings.seed * 100 + TASKS.index(task))
+    """The backbone fine-tuned on ``task``'s training split against its frozen head."""
+    data = task_data(task, "train", settings.data_seed)
+    return finetune_on(base, torch.from_numpy(data.x), torch.from_numpy(data.y), head, settings,
+                       seed=settings.seed * 100 + TASKS.index(task))
+
+
+def finetune_on(base: Backbone, x: torch.Tensor, y: torch.Tensor, head: dict[str, torch.Tensor],
+                settings: BuildSettings, seed: int) -> Backbone:
+    """AdamW (``settings.finetune_lr``, ``finetune_steps`` steps of ``batch_size``) on inputs ``x``
+    (n, 64) float32 and labels ``y`` (n,) int64, every backbone weight trained, the head frozen."""
+    g = torch.Generator().manual_seed(seed)
     model = Backbone()
     model.load_state_dict(base.state_dict())
     model.train()
-    data = task_data(task, "train", settings.data_seed)
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.finetune_lr)
     batches = _batches(len(y), settings.batch_size, g)
     for _ in range(settings.finetune_steps):
@@ -146,18 +175,28 @@ def _save_model(path: Path, state: dict[str, torch.Tensor]) -> None:
     (path / "config.json").write_text(json.dumps(MODEL_CONFIG, indent=2))
 
 
+def pool_version(meta: dict) -> int:
+    """The benchmark version a pool.json records (pools from before versioning are version 1)."""
+    return int(meta.get("benchmark_version", 1))
+
+
 def build_pool(out: Path, settings: BuildSettings | None = None,
-               log: Callable[[str], None] = lambda message: None) -> dict:
-    """Build (or reuse, when pool.json matches the settings) the pool in ``out``; returns pool.json."""
+               log: Callable[[str], None] = lambda message: None, threads: int | None = BUILD_THREADS) -> dict:
+    """Build (or reuse, when pool.json matches the settings and the benchmark version) the pool in
+    ``out``; returns pool.json. A pool of other settings or of another version is rebuilt in place.
+    ``threads``: torch intra-op threads while building (None: torch's default)."""
     settings = settings or BuildSettings()
     out = Path(out)
     meta_path = out / "pool.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == asdict(settings):
+        if pool_version(meta) != BENCHMARK_VERSION:
+            log(f"{out}: built by benchmark version {pool_version(meta)}, rebuilding it for version {BENCHMARK_VERSION}")
+        elif meta.get("settings") == asdict(settings):
             return meta
     # a pool of other settings (pool.json) is rebuilt in its place; any other folder is refused
-    with AtomicDirectory(out, force=meta_path.is_file(), kind="digits_pool", what="pool directory") as tmp:
+    with AtomicDirectory(out, force=meta_path.is_file(), kind="digits_pool", what="pool directory") as tmp, \
+            torch_threads(threads or torch.get_num_threads()):
         _build_into(tmp, settings, log)
     return json.loads(meta_path.read_text())
 
@@ -171,7 +210,8 @@ def _build_into(tmp: Path, settings: BuildSettings, log: Callable[[str], None]) 
     heads = heads_for(base, settings)
     _save_model(tmp / "base", base_state)
     (tmp / "heads").mkdir(parents=True)
-    meta = {"settings": asdict(settings), "tasks": {}, "model_config": MODEL_CONFIG}
+    meta = {"benchmark_version": BENCHMARK_VERSION, "settings": asdict(settings), "shift_rule": SHIFT,
+            "tasks": {}, "model_config": MODEL_CONFIG}
     for task in TASKS:
         save_file(heads[task], str(tmp / "heads" / f"{task}.safetensors"))
         tuned = {k: v.detach().clone() for k, v in finetune(base, task, heads[task], settings).state_dict().items()}

@@ -49,21 +49,33 @@ def _images(data_seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarra
     return images, labels, {"train": np.sort(train), "validation": np.sort(val), "test": np.sort(test)}
 
 
-def _shift(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+_R = range(-2, 3)
+SHIFTS: dict[str, tuple[tuple[int, int], ...]] = {
+    "diagonal": tuple((dy, dx) for dy in _R for dx in _R if dy and dx),
+    "axis": tuple((d, 0) for d in _R if d) + tuple((0, d) for d in _R if d),
+    "ring": tuple((dy, dx) for dy in _R for dx in _R if dy or dx),
+}
+"""Offsets (dy, dx) in pixels the ``shifted`` task draws from, one per image: ``diagonal`` (both
+axes 1-2 px, 16 offsets; benchmark version 1), ``axis`` (1-2 px along one axis, 8 offsets),
+``ring`` (any offset of 1-2 px, 24). benchmarks/shifted_task.py measures them."""
+SHIFT = "axis"
+
+
+def shift_images(images: np.ndarray, offsets: tuple[tuple[int, int], ...], rng: np.random.Generator) -> np.ndarray:
+    """Each (8, 8) image moved by an offset drawn from ``offsets``; pixels moved in are zero."""
     out = np.zeros_like(images)
     for i, img in enumerate(images):
-        dy, dx = (rng.integers(1, 3) * rng.choice([-1, 1]) for _ in range(2))
+        dy, dx = offsets[rng.integers(len(offsets))]
         src = img[max(0, -dy):8 - max(0, dy), max(0, -dx):8 - max(0, dx)]
         out[i, max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
     return out
 
 
-@lru_cache(maxsize=64)
-def task_data(task: str, split: str, data_seed: int = 0) -> TaskData:
-    """Inputs and labels of one task on one split (cached)."""
+def task_views(task: str, data_seed: int = 0, shift: str = SHIFT) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of ``task`` (1797, 8, 8) float32 on the 0-16 scale, and its labels (1797,) int64."""
     if task not in TASKS:
         raise KeyError(task)
-    images, labels, splits = _images(data_seed)
+    images, labels, _ = _images(data_seed)
     rng = np.random.default_rng(data_seed + 1000)
     if task == "rotated":
         views = np.rot90(images, k=1, axes=(1, 2))
@@ -72,12 +84,24 @@ def task_data(task: str, split: str, data_seed: int = 0) -> TaskData:
     elif task == "inverted":
         views = 16.0 - images
     elif task == "shifted":
-        views = _shift(images, rng)
+        views = shift_images(images, SHIFTS[shift], rng)
     elif task == "noisy":
         views = np.clip(images + rng.normal(0.0, 4.0, images.shape), 0.0, 16.0)
     else:
         views = images
     y = labels % 2 if task == "parity" else labels % 3 if task == "mod3" else labels
-    idx = splits[split]
-    x = (np.ascontiguousarray(views[idx]).reshape(len(idx), 64) / 16.0).astype(np.float32)
-    return TaskData(x, y[idx].astype(np.int64))
+    return np.ascontiguousarray(views), y.astype(np.int64)
+
+
+def split_indices(split: str, data_seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``split`` (train, validation or test) into the 1,797 images."""
+    return _images(data_seed)[2][split]
+
+
+@lru_cache(maxsize=64)
+def task_data(task: str, split: str, data_seed: int = 0) -> TaskData:
+    """Inputs and labels of one task on one split (cached)."""
+    views, y = task_views(task, data_seed)
+    idx = split_indices(split, data_seed)
+    x = (views[idx].reshape(len(idx), 64) / 16.0).astype(np.float32)
+    return TaskData(x, y[idx])

@@ -40,6 +40,12 @@ class DigitsEvaluator(Evaluator):
 
         return unlabeled_batches(params["pool"], task, split, params["batch_size"])
 
+    def labelled_batches(self, task: str, split: str, params: dict[str, Any]) -> Iterator[Any]:
+        """``(images (B, 64) float32, labels (B,) int64)`` batches, in split order."""
+        from mk_digits.scoring import labelled_batches
+
+        return labelled_batches(params["pool"], task, split, params["batch_size"])
+
     def forward(self, model: Any, task: str, inputs: Any, params: dict[str, Any]) -> Any:
         """Logits of ``model`` (a state dict, may hold tensors that require grad) on ``inputs``."""
         from mk_digits.scoring import forward

@@ -38,16 +38,24 @@ class Backbone(nn.Module):
 
 
 def head_logits(features: torch.Tensor, head: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Frozen 'zero-shot' head: cosine similarity to each class's centred mean pretrained feature."""
-    centred = nn.functional.normalize(features - head["center"], dim=-1)
-    return head["scale"] * centred @ head["prototypes"].T
+    """Frozen 'zero-shot' head: ``scale * cos(feature, prototype_c)`` for every class ``c``.
+
+    ``features``: (n, 64) float32, used as they are (not centred: a frozen centre would be one more
+    thing the other tasks' vectors move the features away from). Returns (n, classes) logits.
+    The recipe of shared/reference/digits-benchmark-notes.md, the role CLIP's text heads play.
+    """
+    return head["scale"] * nn.functional.normalize(features, dim=-1) @ head["prototypes"].T
 
 
 def make_head(features: torch.Tensor, labels: torch.Tensor, classes: int) -> dict[str, torch.Tensor]:
-    center = features.mean(0)
-    protos = torch.stack([features[labels == c].mean(0) for c in range(classes)]) - center
-    return {"center": center, "prototypes": nn.functional.normalize(protos, dim=-1),
-            "scale": torch.tensor(LOGIT_SCALE)}
+    """The head of one task from the pretrained backbone's features of its training images.
+
+    ``prototypes``: (classes, 64), each class's mean feature minus the mean of the class means,
+    unit length. Only the prototypes are centred; :func:`head_logits` never centres the features.
+    """
+    means = torch.stack([features[labels == c].mean(0) for c in range(classes)])
+    protos = means - means.mean(0)
+    return {"prototypes": nn.functional.normalize(protos, dim=-1), "scale": torch.tensor(LOGIT_SCALE)}
 
 
 def backbone_from_state(state: dict[str, torch.Tensor]) -> Backbone:

@@ -13,17 +13,27 @@ from torch import nn
 from torch.func import functional_call
 
 from mergekit_core import FormatError
-from mk_digits.build import load_heads
+from mk_digits.build import BENCHMARK_VERSION, load_heads, pool_version
 from mk_digits.data import task_data
 from mk_digits.model import Backbone, head_logits
 
 
-@lru_cache(maxsize=4)
 def _pool(pool: str) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """pool.json and the heads, cached until pool.json changes (a pool rebuilt in place)."""
     path = Path(pool)
     if not (path / "pool.json").is_file():
         raise FormatError(f"{path}: not a digits pool (no pool.json); build one with 'mk digits build --out {path}'")
-    return json.loads((path / "pool.json").read_text()), load_heads(path)
+    return _load_pool(str(path), (path / "pool.json").stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _load_pool(path: str, stamp: int) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    meta = json.loads((Path(path) / "pool.json").read_text())
+    if pool_version(meta) != BENCHMARK_VERSION:
+        raise FormatError(f"{path}: a digits pool of benchmark version {pool_version(meta)}, but this mk-digits "
+                          f"scores version {BENCHMARK_VERSION} (other heads); rebuild it with "
+                          f"'mk digits build --out {path}'")
+    return meta, load_heads(Path(path))
 
 
 _SKELETON = Backbone()
@@ -63,7 +73,13 @@ def evaluate(pool: str, model: Any, task: str, split: str, subset: Sequence[int]
 
 
 def unlabeled_batches(pool: str, task: str, split: str, batch_size: int) -> Iterator[torch.Tensor]:
+    for x, _ in labelled_batches(pool, task, split, batch_size):
+        yield x
+
+
+def labelled_batches(pool: str, task: str, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     meta, _ = _pool(str(pool))
-    x = torch.from_numpy(task_data(task, split, meta["settings"]["data_seed"]).x)
+    data = task_data(task, split, meta["settings"]["data_seed"])
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y).long()
     for start in range(0, len(x), batch_size):
-        yield x[start:start + batch_size]
+        yield x[start:start + batch_size], y[start:start + batch_size]

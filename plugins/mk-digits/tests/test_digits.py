@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import types
 
 import numpy as np
 import pytest
-from mk_digits.build import BuildSettings, build_pool
+from mk_digits.build import BENCHMARK_VERSION, BuildSettings, build_pool
 from mk_digits.data import TASKS, num_classes, task_data
 
-from mergekit_core import MergeMethod, hookimpl
+from mergekit_core import FormatError
 from mergekit_core.api import MergeConfig, evaluate_merge, make_setup, run_merge
 from mergekit_core.testing import fresh_host, run_mk
 
 HOST = fresh_host(entry_points=True)
-
-
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory):
-    path = tmp_path_factory.mktemp("digits") / "pool"
-    meta = build_pool(path, BuildSettings.quick())
-    return path, meta
 
 
 def test_tasks_and_splits():
@@ -90,14 +82,81 @@ def test_unlabeled_batches_and_forward(pool):
 
 
 def test_build_command_and_bad_pool(tmp_path, pool):
+    import torch
+
+    threads = torch.get_num_threads()
     result = run_mk(["digits", "build", "--out", str(tmp_path / "p"), "--quick"], host=HOST)
     assert result.exit_code == 0, result.stderr
-    assert json.loads((tmp_path / "p" / "pool.json").read_text())["settings"]["pretrain_steps"] == 400
+    assert torch.get_num_threads() == threads  # one thread while building, then restored
+    meta_path = tmp_path / "p" / "pool.json"
+    assert json.loads(meta_path.read_text())["settings"]["pretrain_steps"] == 400
     again = build_pool(tmp_path / "p", BuildSettings.quick())  # reused: same settings
-    assert again == json.loads((tmp_path / "p" / "pool.json").read_text())
+    assert again == json.loads(meta_path.read_text()) and again["benchmark_version"] == BENCHMARK_VERSION
     ev = HOST.get("evaluator", "digits")
     with pytest.raises(Exception, match="not a digits pool"):
         ev.evaluate({}, "upright", "test", None, {"pool": str(tmp_path), "batch_size": 1})
+
+
+def test_a_pool_of_another_benchmark_version_is_refused_or_rebuilt(tmp_path):
+    """Never mixed in: the evaluator refuses a version-1 pool (heads that centred the features)
+    with one line, and the builder rebuilds it even though its settings match."""
+    tiny = BuildSettings(pretrain_steps=20, finetune_steps=5)
+    first = build_pool(tmp_path / "v", tiny)
+    meta_path = tmp_path / "v" / "pool.json"
+    old = json.loads(meta_path.read_text())
+    del old["benchmark_version"]  # pools from before versioning
+    meta_path.write_text(json.dumps(old))
+    ev = HOST.get("evaluator", "digits")
+    params = {"pool": str(tmp_path / "v"), "batch_size": 1}
+    with pytest.raises(FormatError, match="benchmark version 1.*rebuild it with 'mk digits build --out"):
+        ev.evaluate(str(tmp_path / "v" / "upright"), "upright", "test", None, params)
+    logged = []
+    rebuilt = build_pool(tmp_path / "v", tiny, log=logged.append)
+    assert any("benchmark version 1, rebuilding it" in m for m in logged)
+    assert rebuilt["benchmark_version"] == BENCHMARK_VERSION and rebuilt["settings"] == first["settings"]
+    assert ev.evaluate(str(tmp_path / "v" / "upright"), "upright", "test", None, params)["samples"] == 360
+
+
+def test_head_scores_cosine_to_centred_prototypes_without_centring_features():
+    import torch
+    from mk_digits.model import LOGIT_SCALE, head_logits, make_head
+
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 64, generator=g) + 3.0  # far from the origin: centring would matter
+    labels = torch.arange(60) % 3
+    head = make_head(features, labels, 3)
+    f, y = features.double().numpy(), labels.numpy()
+    means = np.stack([f[y == c].mean(0) for c in range(3)])
+    protos = means - means.mean(0)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    np.testing.assert_allclose(head["prototypes"].double().numpy(), protos, atol=1e-5)
+    x = torch.randn(5, 64, generator=g) + 3.0
+    xn = x.double().numpy() / np.linalg.norm(x.double().numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(head_logits(x, head).double().numpy(), LOGIT_SCALE * xn @ protos.T, atol=1e-4)
+    assert set(head) == {"prototypes", "scale"}
+
+
+def test_shifted_images_are_moved_by_an_offset_of_the_rule_with_zero_fill():
+    from mk_digits.data import SHIFT, SHIFTS, task_views
+
+    up, _ = task_views("upright")
+    shifted, _ = task_views("shifted")
+    assert SHIFTS[SHIFT] and all(1 <= max(abs(dy), abs(dx)) <= 2 for dy, dx in SHIFTS[SHIFT])
+
+    def moved(img, dy, dx):
+        out = np.zeros_like(img)
+        for i in range(8):
+            for j in range(8):
+                if 0 <= i - dy < 8 and 0 <= j - dx < 8:
+                    out[i, j] = img[i - dy, j - dx]
+        return out
+
+    used = set()
+    for k in range(0, 1797, 37):
+        hits = [o for o in SHIFTS[SHIFT] if np.array_equal(moved(up[k], *o), shifted[k])]
+        assert hits, k
+        used.update(hits)
+    assert len(used) == len(SHIFTS[SHIFT])  # every offset of the rule is drawn
 
 
 def test_ready_sweep_config_runs(pool, tmp_path):
@@ -112,36 +171,3 @@ def test_ready_sweep_config_runs(pool, tmp_path):
     result = run_sweep(cfg, HOST)
     assert len(result["points"]) == 8 and result["best"]["score"] is not None
     assert all(r["metrics"] for r in result["points"])
-
-
-class ListMethod(MergeMethod):
-    """A third-party method that breaks the contract: it returns a list."""
-
-    name = "returns_a_list"
-    description = "broken on purpose"
-
-    def merge(self, group, params, state=None):
-        return [x.tolist() for x in group.tensors]
-
-
-broken_plugin = types.ModuleType("broken_plugin")
-broken_plugin.mk_merge_methods = hookimpl(lambda: [ListMethod()])
-broken_plugin.mk_merge_methods.__name__ = "mk_merge_methods"
-
-
-def test_demo_table(tmp_path):
-    from mk_digits.benchmark import print_table, run_benchmark, write_outputs
-
-    host = fresh_host({"broken": broken_plugin}, entry_points=True)
-    report = run_benchmark(tmp_path, host, quick=True, log=lambda m: None)
-    failed = next(r for r in report["rows"] if r["method"] == "returns_a_list")
-    assert "returned a list for tensor" in failed["error"] and "not a torch.Tensor" in failed["error"]
-    names = [r["method"] for r in report["rows"]]
-    assert names[0].startswith("zero-shot") and names[1].startswith("fine-tuned")
-    assert "uniform" in names and "ties" in names and any("sweep" in n for n in names)
-    rows = {r["method"]: r for r in report["rows"]}
-    assert rows["zero-shot (pretrained backbone)"]["mean_accuracy"] < rows["uniform"]["mean_accuracy"]
-    assert rows["uniform"]["mean_accuracy"] < rows["fine-tuned, one model per task (ceiling)"]["mean_accuracy"]
-    paths = write_outputs(report, tmp_path / "out")
-    assert json.loads(paths[0].read_text())["rows"][0]["method"] == names[0]
-    print_table(report)

@@ -57,6 +57,8 @@ class SvdHybrid(MergeMethod):
                    "coefficients; a weighted average of the rebuilt task vectors, with a reusable artifact.")
     params = PARAMS
     needs_prepare = True
+    # lambda scales the weighted average of the task vectors: 8 digit tasks x task arithmetic's 0.2-0.5
+    benchmark_grid = {"lambda": [1.6, 2.0, 2.4, 2.8, 3.2, 4.0]}
     min_sources = 1
 
     def validate(self, params: dict[str, Any]) -> None:

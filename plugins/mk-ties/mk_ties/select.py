@@ -18,8 +18,11 @@ BUCKETS = 1 << 15
 
 
 def keep_count(fraction: float, n: int) -> int:
-    """How many of ``n`` entries a keep fraction means: ``int(fraction * n)`` (as PEFT and mergekit)."""
-    return min(n, max(0, int(fraction * n + 1e-9)))
+    """How many of ``n`` entries a keep fraction means: ``int(fraction * n)``, the float product
+    truncated, exactly as PEFT's ``magnitude_based_pruning`` and mergekit's ``sparsify.magnitude``
+    count (so ``keep_count(0.29, 100)`` is 28: ``0.29 * 100`` is 28.999999999999996), clipped to
+    ``0..n``."""
+    return min(n, max(0, int(fraction * n)))
 
 
 def magnitude_bucket(a: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ def np_elect_merge(stack, coefficients, sign_method="mass", sign_tie="majority",
 
 def np_ties(deltas, coefficients, k, **kw):
     flat = [d.reshape(-1).astype(np.float64) for d in deltas]
-    trimmed = [f * np_top_mask(np.abs(f), int(k / 100 * f.size + 1e-9)) for f in flat]
+    trimmed = [f * np_top_mask(np.abs(f), int(k / 100 * f.size)) for f in flat]
     return np_elect_merge(np.stack(trimmed), coefficients, **kw).reshape(deltas[0].shape)
 
 
@@ -202,7 +202,7 @@ def np_band(a, beta, gamma):
     n = a.size
     order = np.lexsort((np.arange(n), a))  # ascending magnitude, ties by index
     keep = np.zeros(n, bool)
-    n_top, n_bot = int(beta * n + 1e-9), int(gamma * n + 1e-9)
+    n_top, n_bot = int(beta * n), int(gamma * n)
     keep[order[n_bot:n - n_top]] = True
     return keep
 

@@ -1,0 +1,1 @@
+"""mk-bayes-sweep: Bayesian optimisation of merge coefficients (GP + log EI) for mergekit-core."""
