@@ -33,7 +33,9 @@ VARIANTS = {  # name -> adamerging params
     "task-wise AdaMerging (entropy)": {"granularity": "task", "objective": "entropy"},
     "layer-wise AdaMerging (entropy)": {"granularity": "layer", "objective": "entropy"},
     "layer-wise AdaMerging++ (entropy)": {"granularity": "layer", "objective": "entropy", "plus": True},
+    "task-wise AdaMerging++ (entropy)": {"granularity": "task", "objective": "entropy", "plus": True},
     "task-wise AdaMerging (cross_entropy)": {"granularity": "task", "objective": "cross_entropy"},
+    "task-wise AdaMerging++ (cross_entropy)": {"granularity": "task", "objective": "cross_entropy", "plus": True},
     "layer-wise AdaMerging (cross_entropy)": {"granularity": "layer", "objective": "cross_entropy"},
     "layer-wise AdaMerging++ (cross_entropy)": {"granularity": "layer", "objective": "cross_entropy", "plus": True},
 }

@@ -274,6 +274,9 @@ def setup_problem(context: OptimizerContext, params: dict[str, Any], names: list
         ConfigError: no evaluator, or one without forward or batches; an unknown task or split.
     """
     setup = context.setup
+    if setup is None and context.spec.sweep.get("evaluator"):
+        raise PluginError("adamerging was called without the evaluation the config names: run the merge with "
+                          "mk merge or mergekit_core.api.optimize_and_merge, not run_merge alone")
     if setup is None:
         raise ConfigError("adamerging adapts the coefficients on an evaluator's data: name one in the config "
                           "(evaluator: NAME, evaluator_params, eval_tasks)",

@@ -299,3 +299,11 @@ def test_the_docs_page_names_every_parameter():
     page = (Path(__file__).resolve().parents[3] / "docs" / "plugins" / "mk-adamerging.md").read_text()
     missing = [p.name for p in AdaMerging.params if f"`{p.name}`" not in page]
     assert missing == []
+
+
+def test_run_merge_alone_says_to_use_optimize_and_merge(pool, tmp_path):
+    from mergekit_core import PluginError
+
+    data = {**config(pool, tmp_path, steps=1, granularity="task"), "lambda_policy": "per_task"}
+    with pytest.raises(PluginError, match="optimize_and_merge"):
+        run_merge(MergeConfig.from_dict(data).to_spec(), HOST, in_memory=True, write_bundle=False)
