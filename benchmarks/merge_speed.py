@@ -17,6 +17,21 @@ bytes per second, peak RSS, and the ratio to the loop. These machines evict idle
 after about 30 s, so contenders alternate within each repetition and medians are reported.
 
     python benchmarks/merge_speed.py --size-gb 1 --repeats 3 [--sizes 0.25,2] [--json out.json]
+
+``--suite disk`` (issue 17) runs, on one pool (``--pool``, e.g. ../shared/bench/make_models.py's,
+or a generated one), the contenders the speed targets are measured against, alternating, medians
+of ``--repeats``:
+
+- ``floor``: read every input file once and write (and flush) the output's bytes: the I/O floor;
+- ``ideal-<method>``: ../shared/bench/ideal_merge.py (the plain torch loop, mergekit's formulas);
+- ``mk-<method>`` (this tree) and, with ``--head DIR`` (a copy of an earlier tree's
+  ``mergekit_core`` and ``mk_ties``, e.g. from ``git archive``), ``head-<method>``: the same code
+  before a change, in the same run;
+- ``mergekit-<method>`` with ``--peer``: mergekit's ``mergekit-yaml`` on the same inputs.
+
+TIES is timed with mergekit's conventions on both sides (k = 20% per tensor, weighted election,
+weighted mean), DARE-TIES with density 0.2, L1 rescale and a plain sum; ``ties_model`` is mk's
+default ``trim_scope: model``.
 """
 
 from __future__ import annotations
@@ -134,17 +149,84 @@ def run_loop(pool: Path, out: Path, method: str, durable: bool = False) -> None:
             os.close(fd)
 
 
-def run_mk(pool: Path, out: Path, method: str) -> None:
+SUITE_PARAMS = {
+    "task_arithmetic": ("task_arithmetic", {"lambda": 0.3}),
+    "ties": ("ties", {"lambda": 0.3, "k": 20.0, "trim_scope": "tensor", "weighted_election": True,
+                      "aggregate": "weighted_mean", "sign_tie": "positive"}),
+    "ties_model": ("ties", {"lambda": 0.3, "k": 20.0, "trim_scope": "model", "weighted_election": True,
+                            "aggregate": "weighted_mean", "sign_tie": "positive"}),
+    "dare_ties": ("dare_ties", {"lambda": 0.3, "p": 0.8, "rescale": "l1", "aggregate": "sum",
+                                "weighted_election": True, "sign_tie": "positive"}),
+}
+"""The suite's mk settings: mergekit's conventions, as ideal_merge.py and mergekit compute them."""
+
+
+def run_mk(pool: Path, out: Path, method: str, suite: bool = False) -> None:
     from mergekit_core.config import MergeConfig
     from mergekit_core.engine import run_merge
     from mergekit_core.plugins import PluginHost
 
     sources = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
-    data = {"sources": sources, "base_model": str(pool / "base"), "method": method,
+    name, params = SUITE_PARAMS[method] if suite else (method, {})
+    data = {"sources": sources, "base_model": str(pool / "base"), "method": name,
             "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
-    if method in ("task_arithmetic", "ties", "dare_ties"):
+    if params:
+        data["method_params"] = params
+    elif method in ("task_arithmetic", "ties", "dare_ties"):
         data["method_params"] = {"lambda": 0.3}
     run_merge(MergeConfig.from_dict(data).to_spec(), PluginHost())
+
+
+def checkpoint_files(model: Path) -> list[Path]:
+    return sorted(model.glob("*.safetensors"))
+
+
+def run_floor(pool: Path, out: Path) -> None:
+    """The I/O floor: read every input file once (8 MiB reads), write the base's bytes, flush."""
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    for model in sorted(p for p in pool.iterdir() if p.is_dir() and (p / "config.json").exists()):
+        for f in checkpoint_files(model):
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+    out.mkdir(parents=True, exist_ok=True)
+    for f in checkpoint_files(pool / "base"):
+        size = f.stat().st_size
+        fd = os.open(out / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            while size > 0:
+                size -= os.write(fd, view[:min(size, len(buf))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    dfd = os.open(out, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+
+
+IDEAL = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ideal_merge.py"
+
+
+def run_ideal(pool: Path, out: Path, method: str) -> None:
+    models = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
+    subprocess.run([sys.executable, str(IDEAL), "--method", method, "--base", str(pool / "base"), "--models",
+                    *models, "--weights", *["0.3"] * len(models), "--density", "0.2", "--out", str(out)],
+                   check=True, capture_output=True)
+
+
+def run_mergekit(pool: Path, out: Path, method: str) -> None:
+    models = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
+    params = {"weight": 0.3} if method == "task_arithmetic" else {"weight": 0.3, "density": 0.2}
+    lines = [f"merge_method: {method}", f"base_model: {pool / 'base'}", "dtype: bfloat16", "models:"]
+    for m in models:
+        lines += [f"  - model: {m}", "    parameters:"] + [f"      {k}: {v}" for k, v in params.items()]
+    if method != "task_arithmetic":
+        lines += ["parameters:", "  normalize: " + ("true" if method == "ties" else "false")]
+    config = out.parent / "mergekit.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    subprocess.run([str(Path(sys.executable).parent / "mergekit-yaml"), str(config), str(out)],
+                   check=True, capture_output=True)
 
 
 def child(kind: str, pool: Path, out: Path) -> None:
@@ -156,17 +238,29 @@ def child(kind: str, pool: Path, out: Path) -> None:
     if kind.startswith("loop-"):
         method = kind.removeprefix("loop-")
         run_loop(pool, out, method.removesuffix("-durable"), durable=method.endswith("-durable"))
+    elif kind == "floor":
+        run_floor(pool, out)
+    elif kind.startswith("ideal-"):
+        run_ideal(pool, out, kind.removeprefix("ideal-"))
+    elif kind.startswith("mergekit-"):
+        run_mergekit(pool, out, kind.removeprefix("mergekit-"))
+    elif kind.startswith(("suite-", "head-")):
+        run_mk(pool, out, kind.split("-", 1)[1], suite=True)
     else:
         run_mk(pool, out, kind.removeprefix("mk-"))
     wall = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     print(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
     shutil.rmtree(out, ignore_errors=True)
 
 
-def measure(kind: str, pool: Path, scratch: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--pool", str(pool), "--scratch", str(scratch)],
-                          capture_output=True, text=True, check=False)
+def measure(kind: str, pool: Path, scratch: Path, head: str | None = None) -> dict:
+    env = dict(os.environ)
+    if kind.startswith("head-"):  # the earlier tree's packages first on the path
+        env["PYTHONPATH"] = head + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--child-pool", str(pool), "--scratch", str(scratch)],
+                          capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -224,14 +318,22 @@ def main() -> None:
                         help="where the synthetic checkpoints are generated (reused across runs)")
     parser.add_argument("--methods", default="task_arithmetic,uniform,ties,dare_ties")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--suite", choices=("disk",), help="run the issue-17 contenders on --pool instead")
+    parser.add_argument("--pool", dest="suite_pool", help="with --suite: a base/ and ft*/ pool (make_models.py)")
+    parser.add_argument("--head", help="with --suite: a folder holding an earlier mergekit_core and mk_ties")
+    parser.add_argument("--peer", action="store_true", help="with --suite: also time mergekit-yaml")
     parser.add_argument("--child")
-    parser.add_argument("--pool")
+    parser.add_argument("--child-pool", dest="pool")
     parser.add_argument("--scratch")
     args = parser.parse_args()
     if args.child:
         child(args.child, Path(args.pool), Path(args.scratch) / "out")
         return
     data = Path(args.data)
+    if args.suite:
+        methods = tuple(m for m in args.methods.split(",") if m in ("task_arithmetic", "ties", "dare_ties"))
+        suite(Path(args.suite_pool), data / "scratch", args.repeats, args.head, args.peer, args.json, methods)
+        return
     results = {"help_seconds": help_time(), "selection": selection_time(), "sizes": {}}
     for size in [float(s) for s in args.sizes.split(",")]:
         pool = generate(data, size, DTYPE)
@@ -258,6 +360,49 @@ def main() -> None:
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+SUITE_RATIOS = [  # (row, compared with): the issue's targets
+    ("suite-task_arithmetic", "floor"), ("suite-task_arithmetic", "ideal-task_arithmetic"),
+    ("suite-ties", "ideal-ties"), ("suite-dare_ties", "ideal-dare_ties"), ("suite-ties_model", "suite-ties"),
+    ("suite-ties", "head-ties"), ("suite-ties_model", "head-ties_model"), ("suite-dare_ties", "head-dare_ties"),
+    ("suite-task_arithmetic", "head-task_arithmetic"),
+    ("suite-task_arithmetic", "mergekit-task_arithmetic"), ("suite-ties", "mergekit-ties"),
+    ("suite-dare_ties", "mergekit-dare_ties"),
+]
+
+
+def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool, json_path: str | None,
+          methods: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")) -> None:
+    """Every contender once per repetition, in turn; medians, and the ratios of ``SUITE_RATIOS``
+    (time of the row / time of the one it is compared with: below 1 is faster)."""
+    kinds = ["floor"]
+    for method in methods:
+        kinds.append(f"ideal-{method}")
+        kinds.append(f"suite-{method}")
+        if head:
+            kinds.append(f"head-{method}")
+        if peer:
+            kinds.append(f"mergekit-{method}")
+        if method == "ties":
+            kinds += ["suite-ties_model"] + (["head-ties_model"] if head else [])
+    scratch.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    for r in range(repeats):
+        for kind in kinds:
+            runs[kind].append(measure(kind, pool, scratch, head))
+            print(f"repeat {r + 1}: {kind} {runs[kind][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+    nbytes = input_bytes(pool)
+    rows = {k: {"wall_s": round(statistics.median(x["wall_s"] for x in v), 2),
+                "walls_s": [round(x["wall_s"], 2) for x in v],
+                "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in v), 1)} for k, v in runs.items()}
+    ratios = {f"{a} / {b}": round(rows[a]["wall_s"] / rows[b]["wall_s"], 2)
+              for a, b in SUITE_RATIOS if a in rows and b in rows}
+    result = {"pool": str(pool), "input_bytes": nbytes, "repeats": repeats, "load_average_after": os.getloadavg(),
+              "runs": rows, "ratios": ratios}
+    print(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

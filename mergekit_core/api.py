@@ -73,6 +73,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "evaluate_result": ("mergekit_core.evaluation.evaluate", "evaluate and record a finished merge"),
     "evaluate_merge": ("mergekit_core.evaluation.evaluate", "evaluate and record any merged model"),
     "run_sweep": ("mergekit_core.evaluation.sweep", "a resumable sweep over a search space"),
+    "TrialFailure": ("mergekit_core.evaluation.trials",
+                     "what an executor yields for a sweep trial it gave up on (item, error, attempts)"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -36,6 +37,9 @@ class _Required:
 
 REQUIRED: Any = _Required()
 """Sentinel default of a parameter that the user must give."""
+
+
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _has_nonfinite(value: Any) -> bool:
@@ -91,6 +95,8 @@ class Param:
             types = expected if isinstance(expected, tuple) else (expected,)
             if float in types and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if float in types and str not in types and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+                value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text; users mean the number
             if isinstance(value, bool) and bool not in types:
                 ok = False
             else:
@@ -344,6 +350,18 @@ class Optimizer(Component):
 
     def optimize(self, context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
         raise NotImplementedError
+
+    def check(self, context: OptimizerContext, params: dict[str, Any]) -> None:
+        """Everything that can be checked before the optimizer runs (its data, its evaluator,
+        saved files): ``mk merge --dry-run`` calls it, and ``mk merge`` before ``optimize``.
+        Raise a ``ConfigError`` naming the key and what to do."""
+
+    def merge_method(self, params: dict[str, Any], configured: str) -> tuple[str, dict[str, Any]] | None:
+        """The merge method (name, parameters) the learned values are for, when this optimizer's
+        parameters decide it (AdaMerging++ learns coefficients of TIES' per-task vectors, so the
+        merge is TIES with them); None: the config's method (``configured``). Raise a
+        ``ConfigError`` when ``configured`` cannot be replaced."""
+        return None
 
     def lambda_policy(self, params: dict[str, Any]) -> str | None:
         """The lambda policy whose values this optimizer returns, when it needs a particular one

@@ -23,16 +23,22 @@ from mergekit_core.io import hub
 MERGE_KEYS = {
     "sources", "base_model", "method", "method_params", "merge_mode", "transforms", "lambda_policy",
     "optimizer", "output", "include", "exclude", "seed", "compute_dtype", "sources_root", "name",
-    "untie_word_embeddings",
+    "untie_word_embeddings", "device",
 }
 SOURCE_ALIASES = ("adapters", "models")
 SWEEP_KEYS = {"search", "eval_tasks", "split", "eval_subset", "save_merged", "constraint_nonnegative",
-              "output_dir", "evaluator", "evaluator_params"}
+              "output_dir", "evaluator", "evaluator_params", "executor"}
 LEGACY_KEYS = {"grid": "search.grid (with search.type: grid)", "lambda": "method_params.lambda",
                "params": "method_params"}
 OUTPUT_KEYS = {"path", "kind", "dtype", "shard_size", "adapter_rank", "save"}
 MERGE_MODES = ("common", "strict", "union")
 OUTPUT_KINDS = ("auto", "model", "adapter")
+
+
+def is_device_name(value: Any) -> bool:
+    """Whether ``value`` names a merge device: auto, cpu, cuda or cuda:N."""
+    return isinstance(value, str) and (value in ("auto", "cpu", "cuda") or (
+        value.startswith("cuda:") and value[5:].isdigit()))
 DEFAULT_SHARD = "5GB"
 DEFAULT_OUTPUT_DIR = "artifacts"
 
@@ -77,6 +83,8 @@ class MergeSpec:
     exclude: list[str] = field(default_factory=list)
     seed: int = 0
     compute_dtype: str = "float32"
+    device: str = "auto"
+    """Where the merge arithmetic runs: auto (a CUDA GPU when torch sees one), cpu, cuda or cuda:N."""
     output_dir: Path = Path(DEFAULT_OUTPUT_DIR)
     untie_word_embeddings: bool = False
     sweep: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +112,8 @@ class MergeSpec:
         }
         if self.untie_word_embeddings:
             out["untie_word_embeddings"] = True
+        if self.device != "auto":
+            out["device"] = self.device
         if self.base_model is not None:
             out["base_model"] = str(self.base_model)
         if self.lambda_policy is not None:
@@ -129,6 +139,17 @@ def _shown(value: Any) -> str:
     """``value`` for a one-line message: as written when printable, else with escapes (``\\n``)."""
     text = str(value)
     return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _file_path(value: Any, base_dir: Path) -> Any:
+    """A component parameter that names an existing file or folder relative to the config file
+    (it has a folder part or a file suffix: ``../run/lambdas.json``, ``table.json``), made
+    absolute; anything else as it is (``layer`` stays a word even next to a folder of that name)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    if "/" not in value and not Path(value).suffix:
+        return value
+    return str((base_dir / value).resolve()) if _exists(base_dir / value) else value
 
 
 def _exists(path: Path) -> bool:
@@ -304,6 +325,9 @@ class MergeConfig:
                       if (t := component_ref(v, f"transforms[{i}]", problems)) is not None]
         policy = component_ref(d.get("lambda_policy"), "lambda_policy", problems)
         optimizer = component_ref(d.get("optimizer", "none"), "optimizer", problems) or ComponentRef("none")
+        for ref in (policy, optimizer):  # a lambda table, saved coefficients: relative to the config file
+            if ref is not None:
+                ref.params = {k: _file_path(v, base_dir) for k, v in ref.params.items()}
         output = self._output(d.get("output"), base_dir, problems)
         include, exclude = d.get("include") or [], d.get("exclude") or []
         for key, value in (("include", include), ("exclude", exclude)):
@@ -319,6 +343,9 @@ class MergeConfig:
             compute = parse_user_dtype(compute, "compute_dtype")
         except ConfigError as exc:
             problems.append(str(exc))
+        device = d.get("device", "auto")
+        if not is_device_name(device):
+            problems.append(f"device: must be auto, cpu, cuda or cuda:N (N a GPU index), got {device!r}")
         untie = d.get("untie_word_embeddings", False)
         if not isinstance(untie, bool):
             problems.append(f"untie_word_embeddings: must be true or false, got {untie!r}")
@@ -327,7 +354,7 @@ class MergeConfig:
         return MergeSpec(
             sources=sources, method=method, base_model=base_path, merge_mode=mode, transforms=transforms,
             lambda_policy=policy, optimizer=optimizer, output=output, include=include, exclude=exclude,
-            seed=seed, compute_dtype=compute,
+            seed=seed, compute_dtype=compute, device=device if isinstance(device, str) else "auto",
             output_dir=self._path(d.get("output_dir", DEFAULT_OUTPUT_DIR), base_dir),
             sweep=self._sweep(d, base_dir), untie_word_embeddings=untie,
             config_file=self.path.absolute() if self.path else None,

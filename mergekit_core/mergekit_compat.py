@@ -32,13 +32,16 @@ MERGEKIT_ONLY_KEYS = ("merge_method", "slices", "modules", "parameters", "dtype"
 TOP_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "slices", "modules",
             "tokenizer_source", "tokenizer", "chat_template"}
 KNOWN_PARAMETERS = {"weight", "density", "gamma", "epsilon", "normalize", "rescale", "lambda", "int8_mask", "t",
-                    "lambda_", "select_topk", "scale", "filter_wise", "eps", "maxiter", "tol"}
+                    "lambda_", "select_topk", "scale", "filter_wise", "eps", "maxiter", "tol", "max_iter",
+                    "normalize_weights", "nuslerp_row_wise", "nuslerp_flatten", "r", "alpha"}
 """Parameter names of mergekit's methods; the ones a translated method does not read are ignored
 (as mergekit ignores them) with a note, any other name is refused as a likely misspelling."""
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties")
-METHODS = ("linear", "slerp") + TASK_VECTOR_METHODS
-"""mergekit methods mk has; every other one (della, model_stock, passthrough, ...) is refused."""
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                       "della", "della_linear")
+GEOMETRY_METHODS = ("model_stock", "multislerp", "karcher", "nuslerp", "nearswap", "sce", "ram", "ramplus_tl")
+METHODS = ("linear", "slerp") + TASK_VECTOR_METHODS + GEOMETRY_METHODS
+"""mergekit methods mk has; every other one (passthrough, arcee_fusion, ...) is refused."""
 
 SLICES_REFUSED = ("mk merges whole models with the same layers; list them under 'models' instead (layer slices "
                   "and frankenmerges have no mk equivalent; one slice over every layer of every model is accepted)")
@@ -51,9 +54,10 @@ REFUSED_KEYS = {
 
 # defaults of mergekit's generalized task arithmetic methods (mergekit.merge_methods.registry)
 NORMALIZE_DEFAULT = {"task_arithmetic": False, "ties": True, "dare_ties": False, "dare_linear": False,
-                     "breadcrumbs": False, "breadcrumbs_ties": False, "linear": True}
+                     "breadcrumbs": False, "breadcrumbs_ties": False, "linear": True, "della": True,
+                     "della_linear": False}
 RESCALE_DEFAULT = {"task_arithmetic": False, "ties": False, "dare_ties": True, "dare_linear": True,
-                   "breadcrumbs": False, "breadcrumbs_ties": False}
+                   "breadcrumbs": False, "breadcrumbs_ties": False, "della": True, "della_linear": True}
 USES = {
     "linear": {"weight", "normalize"},
     "slerp": {"t"},
@@ -63,8 +67,18 @@ USES = {
     "dare_linear": {"weight", "density", "normalize", "lambda", "int8_mask", "rescale"},
     "breadcrumbs": {"weight", "density", "gamma", "normalize", "lambda", "int8_mask", "rescale"},
     "breadcrumbs_ties": {"weight", "density", "gamma", "normalize", "lambda", "int8_mask", "rescale"},
+    "della": {"weight", "density", "epsilon", "normalize", "lambda", "int8_mask", "rescale"},
+    "della_linear": {"weight", "density", "epsilon", "normalize", "lambda", "int8_mask", "rescale"},
+    "sce": {"select_topk", "int8_mask"},
+    "model_stock": {"filter_wise"},
+    "multislerp": {"weight", "normalize_weights", "eps"},
+    "karcher": {"max_iter", "tol"},
+    "nuslerp": {"weight", "nuslerp_row_wise", "nuslerp_flatten"},
+    "nearswap": {"t"},
+    "ram": {"epsilon"},
+    "ramplus_tl": {"epsilon", "r", "alpha"},
 }
-PER_MODEL = {"weight", "density", "gamma"}
+PER_MODEL = {"weight", "density", "gamma", "epsilon"}
 """Parameters mergekit reads per model (a model's own value wins over the global one)."""
 
 
@@ -289,7 +303,7 @@ class _Translator:
                                       "ignored here")
         base = d.get("base_model")
         base_ref = self.model_ref("base_model", base) if base is not None else None
-        if "int8_mask" in self.globals and method in TASK_VECTOR_METHODS:
+        if "int8_mask" in self.globals and method in TASK_VECTOR_METHODS + ("sce",):
             self.notes.append("parameters.int8_mask: ignored (a memory setting of mergekit's masks; "
                               "mk's masks are booleans)")
         config: dict[str, Any] = {}
@@ -297,6 +311,8 @@ class _Translator:
             config.update(self.linear(models, base_ref))
         elif method == "slerp":
             config.update(self.slerp(models, base_ref))
+        elif method in GEOMETRY_METHODS:
+            config.update(self.geometry(models, base_ref))
         else:
             config.update(self.task_vectors(models, base_ref))
         config.update(self.dtypes())
@@ -440,14 +456,19 @@ class _Translator:
                 out["method"] = {"name": "task_arithmetic", "params": {}}
                 out["lambda_policy"] = self.weights(models, scale=lam)
             return out
-        if rescale and method not in ("dare_ties", "dare_linear"):
+        if rescale and method not in ("dare_ties", "dare_linear", "della", "della_linear"):
             self.fail("parameters.rescale", f"{method} in mk does not rescale after trimming; set it false")
         density, _ = self.per_source("density", models, default=1.0)
         params: dict[str, Any] = {"density": _plain(density), "scale": lam}
-        if method in ("dare_ties", "dare_linear"):
+        if method in ("dare_ties", "dare_linear", "della", "della_linear"):
             params["rescale"] = "l1" if rescale else "none"
             self.notes.append(f"{method}: random drops come from mk's seeded generator (seed), mergekit's from "
                               "torch's global one: the same distribution, not the same masks")
+        if method in ("della", "della_linear"):
+            epsilon = _plain(self.per_source("epsilon", models, default=0.15)[0])
+            if not _number(epsilon):
+                self.fail("epsilon", "mk's della takes one epsilon for every source and tensor; give one number")
+            params["epsilon"] = epsilon
         if method in ("breadcrumbs", "breadcrumbs_ties"):
             gamma, _ = self.per_source("gamma", models, default=0.01)
             gamma = _plain(gamma)
@@ -455,7 +476,7 @@ class _Translator:
                 self.fail("gamma", "mk's breadcrumbs drops one outlier fraction (its beta) from every source and "
                                    "tensor; give one number in the global parameters")
             params["beta"] = gamma
-        if method in ("ties", "dare_ties", "breadcrumbs_ties"):
+        if method in ("ties", "dare_ties", "breadcrumbs_ties", "della"):
             params.update(sign_method="mass", sign_tie="positive", weighted_election=True,
                           aggregate="weighted_mean" if normalize else "sum")
         else:
@@ -464,6 +485,65 @@ class _Translator:
             params.update(trim_scope="tensor", min_kept=1)
         out["method"] = {"name": method, "params": params}
         out["lambda_policy"] = self.weights(models)
+        return out
+
+
+    def geometry(self, models: list[dict[str, Any]], base_ref: str | None) -> dict[str, Any]:
+        """model_stock, multislerp, karcher, nuslerp, nearswap (mk's built-in geometry methods),
+        sce, ram and ramplus_tl (mk-ties), with mergekit's defaults and contracts."""
+        method = self.method
+        needs_base = method in ("model_stock", "nearswap", "sce", "ram", "ramplus_tl")
+        if needs_base and base_ref is None:
+            self.fail("base_model", f"{method} needs base_model (mergekit requires it too)")
+        if method == "karcher":  # mergekit's karcher averages every input, the base included
+            if base_ref is not None and not any(m["ref"] == base_ref for m in models):
+                models = models + [{"ref": base_ref, "params": {}, "key": "base_model"}]
+                self.notes.append("base_model: mergekit's karcher averages the base with the models; it is the "
+                                  "last source here")
+            base_ref = None
+        elif base_ref is not None and any(m["ref"] == base_ref for m in models):
+            self.notes.append("models: the base model is also listed; as in mergekit, it is the base only")
+            models = [m for m in models if m["ref"] != base_ref]
+        counts = {"model_stock": (2, None), "nuslerp": (2, 2), "nearswap": (1, 1), "karcher": (1, None)}
+        low, high = counts.get(method, (1, None))
+        if len(models) < low or (high is not None and len(models) > high):
+            takes = f"exactly {low}" if low == high else f"at least {low}"
+            self.fail("models", f"{method} takes {takes} model(s) besides the base, got {len(models)}")
+        g = self.globals
+        params: dict[str, Any] = {}
+        policy: dict[str, Any] | None = None
+        if method == "model_stock":
+            params["filter_wise"] = self.flag("filter_wise", False)
+        elif method == "multislerp":
+            params["normalize_weights"] = self.flag("normalize_weights", True)
+            if "eps" in g:
+                params["eps"] = float(self.single("parameters.eps", g["eps"]))
+            policy = self.weights(models)
+        elif method == "karcher":
+            if "max_iter" in g:
+                params["max_iter"] = int(self.single("parameters.max_iter", g["max_iter"]))
+            if "tol" in g:
+                params["tol"] = float(self.single("parameters.tol", g["tol"]))
+        elif method == "nuslerp":
+            params["flatten"] = self.flag("nuslerp_flatten", True)
+            params["row_wise"] = self.flag("nuslerp_row_wise", False)
+            policy = self.weights(models)
+        elif method == "nearswap":
+            if "t" not in g:
+                self.fail("parameters.t", "nearswap needs t (the distance below which the model's value is taken)")
+            params["t"] = float(self.single("parameters.t", g["t"]))
+        elif method == "sce":
+            if "select_topk" in g:
+                params["select_topk"] = float(self.single("parameters.select_topk", g["select_topk"]))
+        else:  # ram, ramplus_tl
+            for name in ("epsilon", "r", "alpha"):
+                if name in g and name in USES[method]:
+                    params[name] = float(self.single(f"parameters.{name}", g[name]))
+        out: dict[str, Any] = {"sources": self.sources(models), "method": {"name": method, "params": params}}
+        if base_ref is not None:
+            out["base_model"] = base_ref
+        if policy is not None:
+            out["lambda_policy"] = policy
         return out
 
 

@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # helper modules beside the tests (mergekit_pool)
 
 
 @pytest.fixture

@@ -22,3 +22,13 @@ def test_every_builtin_component_describes_itself(kind):
         assert info["name"] and info["description"] and info["kind"] == kind
         for p in info["params"]:
             assert p["help"], f"{comp.name}.{p['name']} needs a help line"
+
+
+def test_a_float_parameter_takes_the_exponent_text_yaml_leaves_1e_3_as():
+    from mergekit_core import Param, ParameterError
+
+    p = Param("lr", 1e-3, "learning rate", type=float)
+    assert p.check("opt", "1e-3") == 1e-3 and p.check("opt", "2.5E+2") == 250.0
+    for bad in ("fast", "1e", "nan"):
+        with pytest.raises(ParameterError, match="must be float"):
+            p.check("opt", bad)

@@ -80,7 +80,10 @@ def pools(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 
 def _merge(pool: dict[str, Path], out: Path, *args: str) -> dict[str, torch.Tensor]:
-    result = run_mk(["merge", "--base", str(pool["base"]), "--sources", str(pool["ft1"]), str(pool["ft2"]),
+    method = args[args.index("--method") + 1] if "--method" in args else None
+    one = method is not None and HOST.get("merge_method", method).max_sources == 1  # nearswap: base + one source
+    sources = [str(pool["ft1"])] if one else [str(pool["ft1"]), str(pool["ft2"])]
+    result = run_mk(["merge", "--base", str(pool["base"]), "--sources", *sources,
                      "--out", str(out), "--output-dir", str(out.parent / "runs"), "--quiet", *args], host=HOST)
     assert result.exit_code == 0, result.stderr
     assert "Traceback" not in result.stderr

@@ -5,16 +5,12 @@ sign-consensus methods, within float32 rounding for the others."""
 
 from __future__ import annotations
 
-import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-
-from mergekit_core.testing import fresh_host, run_mk
-
-HOST = fresh_host(entry_points=True)
+from mergekit_pool import mergekit_merge, mk_merge, tiny_llama_pool
 
 CONFIGS = {
     # name: (config with {pool} for the models' folder, exact)
@@ -175,38 +171,13 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    """A tiny Llama (4 layers, hidden 16, untied head) and three fine-tunes of it, float32."""
-    transformers = pytest.importorskip("transformers")
-    from safetensors.torch import load_file, save_file
-
-    root = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=4,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                      tie_word_embeddings=False)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(root / "base", safe_serialization=True)
-    base = load_file(root / "base" / "model.safetensors")
-    g = torch.Generator().manual_seed(1)
-    for name in ("math", "code", "chat"):
-        (root / name).mkdir()
-        save_file({k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.items()},
-                  str(root / name / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy(root / "base" / "config.json", root / name / "config.json")
-    return root
+    return tiny_llama_pool(tmp_path_factory.mktemp("llama"))
 
 
 def write_config(pool: Path, tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(CONFIGS[name][0]).format(pool=pool))
     return path
-
-
-def mk_merge(config: Path, out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    done = run_mk(["merge", str(config), "--out", str(out), "--output-dir", str(out.parent / "art"), "-q"], host=HOST)
-    assert done.exit_code == 0, done.stderr
-    return load_file(out / "model.safetensors")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -223,20 +194,8 @@ def test_translated_and_merged(pool, tmp_path, name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_equals_mergekit(pool, tmp_path, name):
-    pytest.importorskip("mergekit.merge", reason="mergekit is not installed: pip install -e \".[parity]\"")
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-    from safetensors.torch import load_file
-
     config = write_config(pool, tmp_path, name)
-    out = tmp_path / "mergekit"
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(config.read_text())), str(out),
-              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
-    theirs = {}
-    for f in sorted(out.glob("*.safetensors")):
-        theirs.update(load_file(f))
+    theirs = mergekit_merge(config, tmp_path / "mergekit")
     ours = mk_merge(config, tmp_path / "mk")
     assert set(theirs) == set(ours)
     exact = CONFIGS[name][1]

@@ -139,7 +139,7 @@ def test_filters_are_escaped_substrings():
 @pytest.mark.parametrize("text, key", [
     ("slices: [{sources: [{model: a, layer_range: [0, 4]}]}]\nmerge_method: linear", "slices"),
     ("models: [{model: a}]\nmerge_method: passthrough", "merge_method: 'passthrough' has no mk equivalent"),
-    ("models: [{model: a}]\nmerge_method: della\nbase_model: b", "merge_method: 'della'"),
+    ("models: [{model: a}]\nmerge_method: arcee_fusion\nbase_model: b", "merge_method: 'arcee_fusion'"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer_source: union", "tokenizer_source"),
     ("models: [{model: a}]\nmerge_method: ties\nbase_model: b\ntokenizer: {source: base}", "tokenizer:"),
     ("models: [{model: a, parameters: {weight: 1}}]\nmerge_method: ties", "base_model: ties merges task vectors"),

@@ -118,7 +118,8 @@ def test_unknown_component_lists_installed_and_names_the_package():
     host = fresh_host()
     with pytest.raises(UnknownComponentError) as err:
         host.get("merge_method", "ties")
-    assert "installed: slerp, task_arithmetic, uniform, weighted, weighted_delta" in str(err.value)
+    assert ("installed: karcher, model_stock, multislerp, nearswap, nuslerp, slerp, task_arithmetic, uniform, "
+            "weighted, weighted_delta") in str(err.value)
     assert err.value.hint == ("'ties' comes from the mk-ties plugin in this project's plugins/ folder: "
                               "pip install -e plugins/mk-ties from a checkout")
     assert err.value.exit_code == 2

@@ -9,9 +9,10 @@ from mergekit_core.hookspecs import hookimpl
 
 @hookimpl
 def mk_merge_methods() -> list[Any]:
+    from mergekit_core.builtin.geometry import METHODS as GEOMETRY
     from mergekit_core.builtin.methods import METHODS
 
-    return METHODS
+    return [*METHODS, *GEOMETRY]
 
 
 @hookimpl

@@ -2,7 +2,8 @@
 optimizer (what layer-wise AdaMerging learns: "layer" there is every parameter tensor).
 
 Values: ``task.<t>`` (the source's default, for tensors the table does not list) and
-``task.<t>.tensor.<name>``. The table file is JSON, written by ``write_lambda_table``::
+``task.<t>.tensor.<name>``. Source names in a table are not checked against the merge's (the
+policy sees only their number); AdaMerging's ``weights:`` file is checked by name. The table file is JSON, written by ``write_lambda_table``::
 
     {"format": "mergekit-core/lambda-table", "version": 1,
      "sources": ["math", "code"], "default": [0.3, 0.3],
@@ -99,23 +100,33 @@ class PerTensor(LambdaPolicy):
     params = (
         Param("table", None, "a lambda table JSON file (lambdas.json from an AdaMerging run bundle)", type=str),
         *PerTask.params,
+        Param("fallback", None, "with a table: the value of every tensor it does not list (default: none, "
+              "such a tensor is an error); 'lambdas' gives one per source instead", type=float),
     )
 
     def validate(self, params: dict[str, Any]) -> None:
         PerTask.validate(self, params)  # type: ignore[arg-type]
 
     def initial_values(self, params: dict[str, Any], num_sources: int, layers: Sequence[int]) -> dict[str, float]:
-        """The table's entries, and a default per source (``lambdas`` / ``lambda``) where given;
-        without a table the default is 1.0. The given default wins over the table's."""
-        given = params["lambdas"] is not None or params["lambda"] is not None
-        defaults = ({f"task.{t}": v for t, v in enumerate(_task_lambdas(params, num_sources, self.label))}
-                    if given or params["table"] is None else {})
+        """Without a table: one value per source (``lambdas``, else ``lambda``, the method's lambda
+        by default). With one: its entries, its own default, and ``lambdas`` or ``fallback`` for the
+        tensors it does not list; ``lambda`` is not used then, so a table that misses a tensor is
+        an error rather than a silent default.
+
+        Raises:
+            ConfigError: the table is unreadable or for another number of sources.
+        """
         if params["table"] is None:
-            return defaults
+            return {f"task.{t}": v for t, v in enumerate(_task_lambdas(params, num_sources, self.label))}
         table = read_lambda_table(params["table"])
         if len(table.sources) != num_sources:
             raise ConfigError(f"{params['table']}: the lambda table is for {len(table.sources)} sources "
                               f"({', '.join(table.sources)}), this merge has {num_sources}")
+        defaults: dict[str, float] = {}
+        if params["lambdas"] is not None:
+            defaults = {f"task.{t}": v for t, v in enumerate(_task_lambdas(params, num_sources, self.label))}
+        elif params["fallback"] is not None:
+            defaults = {f"task.{t}": float(params["fallback"]) for t in range(num_sources)}
         return {**table.values(), **defaults}
 
     def space(self, params: dict[str, Any], num_sources: int, layers: Sequence[int]) -> list[str]:
@@ -129,7 +140,8 @@ class PerTensor(LambdaPolicy):
         if value is None:
             raise ConfigError(f"lambda policy per_tensor: no lambda for tensor {tensor_name!r} of source "
                               f"{source_index}: the table does not list it and gives no default",
-                              hint="add it to the table, or give 'lambda' / 'lambdas' as the default")
+                              hint="was the table learned for this merge? Add the tensor to it, or give "
+                                   "'fallback' (or 'lambdas') for the tensors it does not list")
         return value
 
 

@@ -139,6 +139,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
     ) -> None:
         """Evaluate a grid (or a plugin's search) of merges; rank points by max-min interference.
 
+        Trials run here one after another, or where the config's 'executor' says (mk-ray: ray).
+
         'mk sweep show SWEEP_JSON' prints a finished sweep's points."""
         from mergekit_core.config import load_merge_config
         from mergekit_core.evaluation.sweep import run_sweep
@@ -152,6 +154,11 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         best = result["best"]
         print_sweep(result)
         typer.echo(f"{len(result['points'])} points in {result['wall_time_s']:.1f} s; results: {result['path']}")
+        for record in [r for r in result["points"] if r.get("error")][:3]:
+            typer.echo(f"failed: {point_text(record['point'])}: {record['error']}", err=True)
+        if result.get("failed"):
+            typer.echo(f"{result['failed']} trial(s) failed (recorded in the journal; --resume runs them again)",
+                       err=True)
         if best:
             typer.echo(f"best: {point_text(best['point'])} (worst-task interference {best['score']:+.4f}, "
                        f"mean {best['summary']['mean_metric']:.4f})")
@@ -172,7 +179,8 @@ def _sweep_group() -> type:
 
 
 class SweepProgress:
-    """Points done, the best score so far and time left, on one rich progress bar."""
+    """Points done, trials running and failed, the best score so far and time left, on one rich
+    progress bar."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -185,17 +193,23 @@ class SweepProgress:
         )
 
         self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("best {task.fields[best]}"),
+                                 TimeRemainingColumn(),
+                                 TextColumn("running {task.fields[running]} failed {task.fields[failed]}"),
+                                 TextColumn("best {task.fields[best]}"),
                                  console=Console(stderr=True), transient=True)
         self.task: Any = None
+        self.failed = 0
 
     def __call__(self, event: str, **info: Any) -> None:
         if event == "start":
             self.progress.start()
-            self.task = self.progress.add_task("sweep", total=info.get("total"), best="-")
+            self.task = self.progress.add_task("sweep", total=info.get("total"), best="-", running=0, failed=0)
+        elif event == "running":
+            self.progress.update(self.task, running=info["running"])
         elif event == "point":
             best = info["best"]
-            self.progress.update(self.task, advance=1,
+            self.failed += bool(info["record"].get("error"))
+            self.progress.update(self.task, advance=1, running=info.get("running", 0), failed=self.failed,
                                  best=f"{best['score']:+.4f} at {point_text(best['point'])}" if best else "-")
         elif event == "end":
             self.progress.stop()

@@ -68,7 +68,7 @@ def print_sweep(result: dict[str, Any], limit: int = 20) -> None:
             cells = [f"{worst} {metrics.get(worst, float('nan')):.4f}"]
         table.add_row(str(rank), point, f"{r['score']:+.4f}", f"{r['summary']['mean_metric']:.4f}", *cells)
     console.print(table)
-    skipped = [r for r in result["points"] if r.get("score") is None]
+    skipped = [r for r in result["points"] if r.get("score") is None and not r.get("error")]
     more = len(scored) - limit
     if more > 0:
         typer.echo(f"{more} more points in the results file (or --json)")

@@ -155,8 +155,11 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
     from mergekit_core.engine.plan import build_plan
     from mergekit_core.engine.resolve import resolve_components
     from mergekit_core.engine.run import merged_weights
-    from mergekit_core.evaluation.optimize import with_optimizer_policy
+    from mergekit_core.evaluation.optimize import optimizer_context, with_optimizer_policy
 
+    if spec.optimizer.name != "none":  # everything the optimizer can check without running
+        with optimizer_context(spec, host) as (context, optimizer, params):
+            optimizer.check(context, params)
     spec = with_optimizer_policy(spec, host)
     comps = resolve_components(spec, host)
     plan = build_plan(spec, host, comps.method)
@@ -264,6 +267,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
                                    help="Base ties lm_head to the embeddings: write an untied output that keeps "
                                         "the sources' heads."),
         seed: int = typer.Option(None, "--seed", help="Seed of random transforms."),
+        device: str = typer.Option(None, "--device", help="Where the arithmetic runs: auto (a GPU when torch sees "
+                                   "one), cpu, cuda or cuda:N; tensors are read and written on the host."),
         output_dir: str = typer.Option(None, "--output-dir", help="Root of run bundles (default artifacts)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; read no tensor."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or report."),
@@ -296,6 +301,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             "seed": seed, "output_dir": _absolute(output_dir), "output.path": _absolute(out),
             "output.kind": kind, "output.dtype": dtype,
             "output.adapter_rank": adapter_rank, "untie_word_embeddings": True if untie else None,
+            "device": device,
         }
         if all_sources:
             overrides["sources"] = all_sources

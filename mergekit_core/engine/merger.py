@@ -7,8 +7,9 @@ tensor on another thread while this one is computed.
 from __future__ import annotations
 
 import math
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from mergekit_core.components import (
     origin,
 )
 from mergekit_core.engine.plan import MergePlan, TensorPlan
-from mergekit_core.errors import MergeError, PluginError
+from mergekit_core.errors import MergeError, PluginError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -91,8 +92,10 @@ class TensorMerger:
         self.allow_nonfinite = allow_nonfinite
         self.warn = warn or (lambda message: None)
         self.weights_without_base = plan.base is None and plan.output_kind == "model"
-        self._buffers: dict[int, torch.Tensor] = {}
+        self.device = merge_device(getattr(plan.spec, "device", "auto"))
+        self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
+        self._workers: tuple[int, ThreadPoolExecutor] | None = None
 
     # ----------------------------------------------------------------------- reading
 
@@ -128,6 +131,9 @@ class TensorMerger:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+        if self._workers is not None:
+            self._workers[1].shutdown()
+            self._workers = None
 
     def _owned(self, reader: Any, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype) if getattr(reader, "owns_tensors", False) else own(x, self.dtype)
@@ -186,37 +192,74 @@ class TensorMerger:
         base = raw.base.reshape(-1)
         n = base.numel()
         out = torch.empty(n, dtype=out_dtype)
-        size = min(n, FUSED_CHUNK)
-        b, acc, tmp = (self._buffer(k, size) for k in range(3))
-        delta_sq = base_sq = 0.0
-        flushed = 0
         narrower = loses_small_values(self.dtype, out_dtype)
-        for start in range(0, n, FUSED_CHUNK):
+        host = self.device.type == "cpu"
+
+        def chunk(start: int) -> tuple[float, float, int]:
+            """Merge one chunk into ``out``: its delta and base sums of squares, values flushed."""
             k = min(FUSED_CHUNK, n - start)
-            bk, ak, tk = b[:k], acc[:k], tmp[:k]
+            bk, ak, tk = (self._buffer(slot, min(n, FUSED_CHUNK))[:k] for slot in range(3))
             bk.copy_(base[start:start + k])
             ak.zero_()
             for x, c in pairs:
-                tk.copy_(x[start:start + k]).sub_(bk)
+                tk.copy_(x[start:start + k]).sub_(bk)  # faster than one mixed-dtype torch.sub (dynamic casts)
                 ak.add_(tk, alpha=c)
-            delta_sq += float(torch.dot(ak, ak))
-            base_sq += float(torch.dot(bk, bk))
+            dsq, bsq = float(torch.dot(ak, ak)), float(torch.dot(bk, bk))
             ok = out[start:start + k]
-            ok.copy_(ak.add_(bk))
-            if narrower:
-                flushed += flushed_to_zero(ak, ok)
+            if host:
+                ok.copy_(ak.add_(bk))
+                return dsq, bsq, flushed_to_zero(ak, ok) if narrower else 0
+            cast = ak.add_(bk).to(out_dtype)
+            ok.copy_(cast)
+            return dsq, bsq, flushed_to_zero(ak, cast) if narrower else 0
+
+        starts = list(range(0, n, FUSED_CHUNK))
+        parts = self._map_chunks(chunk, starts) if host else [chunk(s) for s in starts]
+        delta_sq = base_sq = 0.0
+        flushed = 0
+        for dsq, bsq, f in parts:  # summed in chunk order, as one loop would
+            delta_sq += dsq
+            base_sq += bsq
+            flushed += f
         if not math.isfinite(delta_sq):  # name the culprit; the slow path knows how
             self.merge(t, self.deltas(t, raw))
         return Merged(out.reshape(t.shape), delta_sq, base_sq, flushed)
 
     def _buffer(self, slot: int, size: int) -> torch.Tensor:
+        """A reused buffer of at least ``size`` elements, one set per thread."""
         import torch
 
-        buf = self._buffers.get(slot)
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        buf = buffers.get(slot)
         if buf is None or buf.numel() < size:
-            buf = torch.empty(size, dtype=self.dtype)
-            self._buffers[slot] = buf
+            buf = torch.empty(size, dtype=self.dtype, device=self.device)
+            buffers[slot] = buf
         return buf
+
+    def _map_chunks(self, fn: Callable[[int], Any], starts: list[int]) -> list[Any]:
+        """``[fn(s) for s in starts]``, on ``torch.get_num_threads()`` worker threads whose torch
+        operations run single-threaded: small chunk operations then never wait for a whole team
+        of intra-op threads (on two loaded cores that wait was most of the time)."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads < 2 or len(starts) < 2:
+            return [fn(s) for s in starts]
+        if self._workers is None or self._workers[0] != threads:
+            if self._workers is not None:
+                self._workers[1].shutdown()
+            self._workers = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mk-chunk"))
+
+        def single(start: int) -> Any:
+            torch.set_num_threads(1)
+            return fn(start)
+
+        try:
+            return list(self._workers[1].map(single, starts))
+        finally:
+            torch.set_num_threads(threads)
 
     # ----------------------------------------------------------------------- computing
 
@@ -276,6 +319,15 @@ class TensorMerger:
 
     def merge(self, t: TensorPlan, inputs: Inputs, add_base: bool = True) -> Merged:
         """The merged tensor: weights (``add_base``) or the merged delta."""
+        if self.device.type != "cpu":  # the arithmetic on the device; the result comes back to the host
+            inputs = Inputs(None if inputs.base is None else inputs.base.to(self.device),
+                            [x.to(self.device) for x in inputs.tensors], inputs.indices)
+            merged = self._merge(t, inputs, add_base)
+            merged.tensor = merged.tensor.cpu()
+            return merged
+        return self._merge(t, inputs, add_base)
+
+    def _merge(self, t: TensorPlan, inputs: Inputs, add_base: bool) -> Merged:
         import torch
 
         base = inputs.base
@@ -310,6 +362,29 @@ class TensorMerger:
             delta = out - base
             return Merged(out if add_base else delta, float(torch.sum(delta * delta)), base_sq)
         return Merged(out.add_(base) if add_base else out, out_sq, base_sq)
+
+
+def merge_device(name: str) -> torch.device:
+    """The torch device of the merge option ``device``: auto (the current CUDA GPU when torch
+    sees one, else the CPU), cpu, cuda or cuda:N.
+
+    Raises:
+        UsageError: a CUDA device was asked for and torch sees none (or not that index).
+    """
+    import torch
+
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if name == "auto":
+        return torch.device("cuda")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {name}: torch {torch.__version__} sees no CUDA GPU",
+                         hint="use --device cpu (or auto, which picks a GPU only when there is one)")
+    index = int(name.partition(":")[2] or torch.cuda.current_device())
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s), numbered from 0",
+                         hint="give cuda:N with N below that, or cuda for the current one")
+    return torch.device("cuda", index)
 
 
 def loses_small_values(computed: torch.dtype, written: torch.dtype) -> bool:
@@ -362,15 +437,30 @@ class EnginePrepareContext(PrepareContext):
         self._passes = 0
 
     def groups(self) -> Iterator[TensorGroup]:
-        todo = [t for t in self.plan.tensors if t.action == "merge"]
+        yield from self._groups(None)
+
+    def groups_of(self, names: set[str]) -> Iterator[TensorGroup]:
+        """The groups of the tensors ``names`` only, in plan order (reads nothing else)."""
+        yield from self._groups(names)
+
+    def _groups(self, names: set[str] | None) -> Iterator[TensorGroup]:
+        """Groups in plan order; the next tensor is read on a thread while this one is used."""
+        todo = [t for t in self.plan.tensors if t.action == "merge" and (names is None or t.name in names)]
         self._passes += 1
         if self._progress:
             self._progress("phase", label=f"{self._merger.method.name}: preparing, pass {self._passes}",
                            total=len(todo))
-        for t in todo:
-            yield self._merger.group(t, self._merger.load(t))
-            if self._progress:
-                self._progress("step", name=t.name)
+        if not todo:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mk-prepare-read") as pool:
+            future = pool.submit(self._merger.read, todo[0])
+            for i, t in enumerate(todo):
+                raw = future.result()
+                if i + 1 < len(todo):
+                    future = pool.submit(self._merger.read, todo[i + 1])
+                yield self._merger.group(t, self._merger.deltas(t, raw))
+                if self._progress:
+                    self._progress("step", name=t.name)
 
 
 def own(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

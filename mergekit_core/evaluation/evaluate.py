@@ -42,12 +42,17 @@ def source_model(host: PluginHost, source: SourceSpec, base_model: Path | None) 
     return result.state_dict
 
 
+def individual_match(setup: EvalSetup, task: TaskInfo, source: SourceSpec) -> dict[str, Any]:
+    """The index fields that identify a source's own metric on this split and subset."""
+    subset_key = setup.subset.key(task.name) if setup.subset is not None else None
+    return {"kind": "individual", "source_path": str(source.path), "task": task.name, "split": setup.split,
+            "subset": subset_key, "evaluator": setup.evaluator.name}
+
+
 def individual_metric(setup: EvalSetup, host: PluginHost, task: TaskInfo, source: SourceSpec,
                       base_model: Path | None, index_path: Path) -> float:
     """The task's own source's primary metric on this split and subset, cached in the index."""
-    subset_key = setup.subset.key(task.name) if setup.subset is not None else None
-    match = {"kind": "individual", "source_path": str(source.path), "task": task.name, "split": setup.split,
-             "subset": subset_key, "evaluator": setup.evaluator.name}
+    match = individual_match(setup, task, source)
     cached = find_latest(index_path, **match)
     if cached is not None:
         return cached["metric_value"]
@@ -70,14 +75,18 @@ def _link(view: Path, target: Path) -> None:
 
 def evaluate_merge(setup: EvalSetup, host: PluginHost, model: Any, *, method: str, sources: Sequence[SourceSpec],
                    base_model: Path | None, combo_dir: Path, tag: str, params: Mapping[str, Any] | None = None,
-                   run_dir: Path | None = None) -> dict[str, Any]:
-    """Evaluate a merged model on every task of ``setup``; write and index the results."""
+                   run_dir: Path | None = None,
+                   scores: Mapping[str, tuple[dict[str, float], str | None]] | None = None) -> dict[str, Any]:
+    """Evaluate a merged model on every task of ``setup``; write and index the results.
+
+    ``scores``: each task's ``(metrics, subset key)`` computed elsewhere (a sweep trial on a
+    worker); ``model`` is then not used."""
     index_path = combo_dir / "eval" / "index.json"
     by_name = {s.name: s for s in sources}
     per_task: dict[str, Any] = {}
     subset_key = None
     for task in setup.tasks:
-        metrics, subset_key = score(setup, model, task)
+        metrics, subset_key = scores[task.name] if scores is not None else score(setup, model, task)
         value = metrics[task.metric]
         own = by_name.get(task.name)
         individual = (individual_metric(setup, host, task, own, base_model, index_path)

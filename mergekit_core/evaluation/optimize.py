@@ -37,13 +37,18 @@ class Chosen:
 
 
 def with_optimizer_policy(spec: MergeSpec, host: PluginHost) -> MergeSpec:
-    """The spec with the lambda policy its optimizer needs, when the optimizer names one.
+    """The spec with the merge method and the lambda policy its optimizer needs, when the
+    optimizer names them (``Optimizer.merge_method``, ``Optimizer.lambda_policy``).
 
     Raises:
         ConfigError: the config names a different lambda policy than the optimizer's.
     """
     optimizer = host.get("optimizer", spec.optimizer.name)
-    wanted = optimizer.lambda_policy(optimizer.resolve_params(spec.optimizer.params))
+    params = optimizer.resolve_params(spec.optimizer.params)
+    method = optimizer.merge_method(params, spec.method.name)
+    if method is not None:
+        spec = replace(spec, method=ComponentRef(method[0], dict(method[1])))
+    wanted = optimizer.lambda_policy(params)
     if wanted is None:
         return spec
     if spec.lambda_policy is None:
@@ -101,6 +106,7 @@ def choose_values(spec: MergeSpec, host: PluginHost, progress: Callable[..., Non
             names.
     """
     with optimizer_context(spec, host, progress) as (context, optimizer, params):
+        optimizer.check(context, params)
         try:
             values = optimizer.optimize(context, params)
         except (MergekitError, KeyboardInterrupt):

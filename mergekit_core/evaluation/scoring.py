@@ -36,7 +36,8 @@ class EvalSetup:
 def make_setup(host: PluginHost, evaluator: str | None, evaluator_params: Mapping[str, Any] | None,
                tasks: Sequence[str] | None, split: str, subset: Mapping[str, Any] | None,
                output_dir: Path) -> EvalSetup:
-    """Resolve the evaluator and check the task names, before anything is merged."""
+    """Resolve the evaluator and check the task names and their data (each task's labels on the
+    split, when the evaluator lists them), before anything is merged."""
     if not evaluator:
         names = ", ".join(host.names("evaluator")) or "none installed"
         raise ConfigError(f"evaluation needs an evaluator (evaluator: NAME); installed: {names}",
@@ -51,6 +52,11 @@ def make_setup(host: PluginHost, evaluator: str | None, evaluator_params: Mappin
     unknown = [t for t in chosen if t not in known]
     if unknown:
         raise ConfigError(f"unknown task '{unknown[0]}' for evaluator {evaluator}; its tasks: {', '.join(known)}")
+    for task in chosen:  # the data must be there before anything is merged or written
+        try:
+            evaluator_call(comp, "labels", task, task, split, params)
+        except NotImplementedError:
+            break
     return EvalSetup(comp, params, [known[t] for t in chosen], split, SubsetSpec.from_config(subset), Path(output_dir))
 
 

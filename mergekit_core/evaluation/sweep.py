@@ -16,6 +16,14 @@ A strategy may do more than ``ask``/``tell`` (docs/hooks/mk_search_strategies.md
 ``start_sweep(space, params, seed, sweep)`` it receives a :class:`SweepContext` (what is swept,
 for warm starts); its search may take the journal of an interrupted run (``resume``), say what it
 predicted for a point (``proposal``, recorded with the point) and add to the summary (``finish``).
+
+Trials run through the config's executor (``executor: NAME`` or ``{name, params}``, default
+``local``: one after another in this process). The executor gets a picklable
+:class:`~mergekit_core.evaluation.trials.TrialRunner` and the points (iterated, or taken in batches
+with ``take(n)``, which asks a search's ``ask_batch``); this process, the driver, records every
+outcome: it alone writes the journal, the evaluation results and the index. An executor that
+gives up on a trial yields a :class:`~mergekit_core.evaluation.trials.TrialFailure`: the point is
+journaled with its error, told with score None, and the sweep goes on (``--resume`` runs it again).
 """
 
 from __future__ import annotations
@@ -34,9 +42,11 @@ from mergekit_core.config import MergeConfig, MergeSpec
 from mergekit_core.engine.resolve import resolve_components
 from mergekit_core.engine.write import input_paths
 from mergekit_core.errors import ConfigError
-from mergekit_core.evaluation.evaluate import evaluate_result
-from mergekit_core.evaluation.optimize import optimize_and_merge
+from mergekit_core.evaluation.evaluate import evaluate_merge, individual_match
+from mergekit_core.evaluation.index import append_index, find_latest
 from mergekit_core.evaluation.scoring import EvalSetup, setup_from_spec
+from mergekit_core.evaluation.trials import TrialFailure, TrialRunner, point_tag
+from mergekit_core.evaluation.trials import point_config as trial_config
 from mergekit_core.io.destination import check_inside_nothing
 from mergekit_core.outputs import combo_dir, write_json
 from mergekit_core.plugins import PluginHost
@@ -60,6 +70,9 @@ class SweepPlan:
     save_merged: bool
     nonnegative: bool
     objective: str = "worst"
+    executor: Any = None
+    executor_params: dict[str, Any] | None = None
+    evaluator: str | None = None
 
 
 @dataclass
@@ -124,12 +137,29 @@ def plan_sweep(config: MergeConfig, host: PluginHost, *, evaluator: str | None =
         guess = closest(objective, [*OBJECTIVES, *task_names])
         raise ConfigError(f"search: objective '{objective}' is neither worst, mean nor one of the evaluated "
                           f"tasks ({', '.join(task_names)})" + (f"; did you mean '{guess}'?" if guess else ""))
-    identity = json.dumps({"spec": spec.to_json(), "search": search}, sort_keys=True, default=str)
+    executor, executor_params = _executor(spec.sweep.get("executor"), host)
+    spec_json = spec.to_json()
+    spec_json["sweep"].pop("executor", None)  # where trials run does not change their results
+    identity = json.dumps({"spec": spec_json, "search": search}, sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     journal = combo_dir(spec.output_dir, spec.method.name, spec.task_combo) / "sweeps" / f"journal_{digest}.jsonl"
     return SweepPlan(config, spec, setup, strategy, strategy_params, space, seed, targets, policy_name, journal,
                      bool(spec.sweep.get("save_merged", False)), bool(spec.sweep.get("constraint_nonnegative", False)),
-                     objective)
+                     objective, executor, executor_params, evaluator)
+
+
+def _executor(raw: Any, host: PluginHost) -> tuple[Any, dict[str, Any]]:
+    """The executor of ``executor: NAME`` or ``executor: {name, params}`` (default ``local``)."""
+    if raw is None or isinstance(raw, str):
+        name, params = raw or "local", {}
+    elif isinstance(raw, dict) and isinstance(raw.get("name"), str) and set(raw) <= {"name", "params"}:
+        name, params = raw["name"], raw.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"executor: params must be a mapping, got {type(params).__name__}")
+    else:
+        raise ConfigError(f"executor: give a name or {{name: NAME, params: {{...}}}}, got {raw!r}")
+    executor = host.get("executor", name)
+    return executor, executor.resolve_params(params)
 
 
 def sweep_identity(plan: SweepPlan) -> dict[str, Any]:
@@ -180,19 +210,7 @@ def start_search(plan: SweepPlan, host: PluginHost) -> Any:
 
 
 def point_config(plan: SweepPlan, point: dict[str, Any]) -> MergeConfig:
-    method = dict(plan.config.data.get("method_params") or {})
-    policy_raw = plan.config.data.get("lambda_policy")
-    policy = {"name": policy_raw, "params": {}} if isinstance(policy_raw, str) else dict(policy_raw or {})
-    policy.setdefault("name", plan.policy_name)
-    policy_params = dict(policy.get("params") or {})
-    for key, value in point.items():
-        if plan.targets[key] == "method":
-            method[key] = value
-        else:
-            policy_params[key.removeprefix("policy.")] = value
-    overrides: dict[str, Any] = {"method_params": method, "output.kind": "model"}
-    overrides["lambda_policy"] = {"name": policy["name"], "params": policy_params}
-    return plan.config.with_overrides(overrides)
+    return trial_config(plan.config, plan.targets, plan.policy_name, point)
 
 
 def _negative(point: dict[str, Any]) -> bool:
@@ -235,47 +253,35 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
         set_aside = plan.journal.with_name(f"{plan.journal.stem}.before_{stamp}.jsonl")
         os.replace(plan.journal, set_aside)
     repair_journal(plan.journal)
-    journaled = read_journal(plan.journal)
-    done = {_key(r["point"]): r for r in journaled}
+    # a failed trial is evaluated again when a resumed search proposes it again
+    journaled = [r for r in read_journal(plan.journal) if not r.get("error")]
     search = start_search(plan, host)
-    records: list[dict[str, Any]] = []
-    if journaled and hasattr(search, "resume"):  # the search refits from the journal, in its order
-        search.resume(journaled)
-        records = list(done.values())
-    listed = {_key(r["point"]) for r in records}
+    loop = _SweepLoop(plan, host, search, journaled, progress)
     started = time.time()
     if progress:
-        progress("start", total=getattr(search, "size", None), resumed=len(done))
-    while (point := search.ask()) is not None:
-        key = _key(point)
-        if key in done:
-            record = done[key]
-            if key in listed:  # a resumed search proposed a journaled point again: nothing to do
-                continue
-        elif plan.nonnegative and _negative(point):
-            record = {"point": point, "skipped": "negative values (constraint_nonnegative)", "score": None}
-            _append(plan.journal, record)
-        else:
-            record = _evaluate_point(plan, host, point)
-            proposal = search.proposal(point) if hasattr(search, "proposal") else None
-            if proposal is not None:
-                record["proposal"] = proposal
-            _append(plan.journal, record)
-        records.append(record)
-        listed.add(key)
-        if record.get("score") is not None:
-            search.tell(point, record["score"])
-        if progress:
-            progress("point", record=record, best=_best(records))
+        progress("start", total=getattr(search, "size", None), resumed=len(loop.done))
+    runner = TrialRunner(plan.config, plan.targets, plan.policy_name, plan.evaluator, plan.save_merged, host,
+                         setup=plan.setup)
+    outcomes = plan.executor.map(runner, loop, plan.executor_params)
+    try:
+        for outcome in outcomes:
+            loop.finish(outcome)
+    finally:
+        close = getattr(outcomes, "close", None)
+        if close is not None:  # a generator's cleanup (cancelling running trials) runs now
+            close()
+    records = loop.records
     result = {
         "method": plan.spec.method.name,
         "sources": [s.name for s in plan.spec.sources],
         "search": {"type": plan.strategy.name, "space": plan.space, "params": plan.strategy_params},
+        "executor": {"name": plan.executor.name, "params": plan.executor_params},
         "split": plan.setup.split, "eval_tasks": [t.name for t in plan.setup.tasks],
         "merge_mode": plan.spec.merge_mode, "constraint_nonnegative": plan.nonnegative,
         "objective": plan.objective,
         "ranking": RANKINGS.get(plan.objective, f"task {plan.objective}'s metric"),
-        "points": records, "best": _best(records), "wall_time_s": round(time.time() - started, 2),
+        "points": records, "best": _best(records), "failed": sum(1 for r in records if r.get("error")),
+        "wall_time_s": round(time.time() - started, 2),
         "journal": str(plan.journal),
         "previous_journal": str(set_aside) if set_aside else None,
     }
@@ -290,22 +296,129 @@ def run_sweep(config: MergeConfig, host: PluginHost, *, resume: bool = False,
     return result
 
 
-def _evaluate_point(plan: SweepPlan, host: PluginHost, point: dict[str, Any]) -> dict[str, Any]:
-    t0 = time.time()
+class _SweepLoop:
+    """The driver's side of a sweep: the points an executor iterates over (or takes in batches
+    with :meth:`take`), and :meth:`finish` for each outcome it yields. Journaled and skipped points
+    are settled here without a trial; only the driver writes the journal and the index."""
+
+    def __init__(self, plan: SweepPlan, host: PluginHost, search: Any, journaled: list[dict[str, Any]],
+                 progress: Callable[..., None] | None) -> None:
+        self.plan, self.host, self.search, self.progress = plan, host, search, progress
+        self.done = {_key(r["point"]): r for r in journaled}
+        self.records: list[dict[str, Any]] = []
+        if journaled and hasattr(search, "resume"):  # the search refits from the journal, in its order
+            search.resume(journaled)
+            self.records = list(self.done.values())
+        self.listed = {_key(r["point"]) for r in self.records}
+        self.running = 0
+        self.exhausted = False
+
+    def __iter__(self) -> _SweepLoop:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        """The next point to evaluate (the search's ``ask``, one at a time)."""
+        while not self.exhausted:
+            point = self.search.ask()
+            if point is None:
+                self.exhausted = True
+            elif not self._settled(point):
+                self._started(1)
+                return point
+        raise StopIteration
+
+    def take(self, n: int) -> list[dict[str, Any]]:
+        """Up to ``n`` points to evaluate at once (the search's ``ask_batch(n)`` when it has one);
+        an empty list when the search is done. For executors that run trials in parallel: use
+        either iteration or ``take``, not both."""
+        out: list[dict[str, Any]] = []
+        batched = hasattr(self.search, "ask_batch")
+        while len(out) < n and not self.exhausted:
+            if batched:
+                points = self.search.ask_batch(n - len(out))
+            else:
+                point = self.search.ask()
+                points = [] if point is None else [point]
+            if not points:
+                self.exhausted = True
+            out.extend(p for p in points if not self._settled(p))
+        self._started(len(out))
+        return out
+
+    def _started(self, n: int) -> None:
+        self.running += n
+        if self.progress and n:
+            self.progress("running", running=self.running)
+
+    def _settled(self, point: dict[str, Any]) -> bool:
+        """Whether ``point`` needs no trial: journaled by an interrupted run, or skipped."""
+        key = _key(point)
+        if key in self.done:
+            if key not in self.listed:  # a resumed search proposed a journaled point again: nothing to do
+                self._record(self.done[key])
+            return True
+        if self.plan.nonnegative and _negative(point):
+            record = {"point": point, "skipped": "negative values (constraint_nonnegative)", "score": None}
+            _append(self.plan.journal, record)
+            self._record(record)
+            return True
+        return False
+
+    def finish(self, outcome: Any) -> None:
+        """Record what the executor yielded for one point: a trial's outcome or a failure."""
+        self.running -= 1
+        if isinstance(outcome, TrialFailure):
+            point = outcome.item
+            record = {"point": point, "score": None, "error": outcome.error, "attempts": outcome.attempts}
+        else:
+            point = outcome["point"]
+            record = record_trial(self.plan, self.host, outcome)
+        proposal = self.search.proposal(point) if hasattr(self.search, "proposal") else None
+        if proposal is not None:
+            record["proposal"] = proposal
+        _append(self.plan.journal, record)
+        self._record(record, told=record.get("error") is not None)
+
+    def _record(self, record: dict[str, Any], told: bool = False) -> None:
+        self.records.append(record)
+        self.listed.add(_key(record["point"]))
+        if record.get("score") is not None or told:  # a failed trial is told with score None
+            self.search.tell(record["point"], record.get("score"))
+        if self.progress:
+            self.progress("point", record=record, best=_best(self.records), running=self.running)
+
+
+def record_trial(plan: SweepPlan, host: PluginHost, outcome: dict[str, Any]) -> dict[str, Any]:
+    """The sweep record of a finished trial; its evaluation written and indexed (by the driver)."""
+    point = outcome["point"]
     spec = point_config(plan, point).to_spec()
-    merged = optimize_and_merge(spec, host, in_memory=not plan.save_merged, write_bundle=plan.save_merged)
-    model = merged.state_dict if merged.state_dict is not None else merged.output_path
-    t1 = time.time()
-    tag = None if merged.run_dir else "sweep_" + hashlib.sha256(_key(point).encode()).hexdigest()[:8]
-    result = evaluate_result(plan.setup, host, spec, merged, model=model, params=point, tag=tag)
+    combo = combo_dir(spec.output_dir, outcome["method"], spec.task_combo)
+    index_path = combo / "eval" / "index.json"
+    by_name = {s.name: s for s in spec.sources}
+    for task in plan.setup.tasks:
+        metrics = (outcome.get("individual") or {}).get(task.name)
+        if metrics is None or task.name not in by_name:
+            continue
+        match = individual_match(plan.setup, task, by_name[task.name])
+        if find_latest(index_path, **match) is None:  # two trials may both have computed it
+            append_index(index_path, [{**match, "metric": task.metric, "metric_value": metrics[task.metric],
+                                       "metrics": metrics, "time": time.time()}])
+    run_dir = Path(outcome["run_dir"]) if outcome.get("run_dir") else None
+    scores = {task: (metrics, subset) for task, (metrics, subset) in outcome["scores"].items()}
+    result = evaluate_merge(plan.setup, host, None, method=outcome["method"], sources=spec.sources,
+                            base_model=spec.base_model, combo_dir=combo, tag=run_dir.name if run_dir else point_tag(point),
+                            params=point, run_dir=run_dir, scores=scores)
     summary = result["summary"]
     record = {"point": point, "summary": summary, "metrics": {t: e["value"] for t, e in result["tasks"].items()}}
     # worst: without a source named after a task, the worst task's own metric ranks
-    return {"point": point, "score": objective_score(plan, record), "summary": summary,
-            "metrics": record["metrics"],
-            "interference_delta": {t: e["interference_delta"] for t, e in result["tasks"].items()},
-            "lambda_values": merged.lambda_values, "merge_s": round(t1 - t0, 3),
-            "eval_s": round(time.time() - t1, 3)}
+    out = {"point": point, "score": objective_score(plan, record), "summary": summary,
+           "metrics": record["metrics"],
+           "interference_delta": {t: e["interference_delta"] for t, e in result["tasks"].items()},
+           "lambda_values": outcome["lambda_values"], "merge_s": outcome["merge_s"], "eval_s": outcome["eval_s"]}
+    worker = outcome.get("worker") or {}
+    if worker and worker.get("pid") != os.getpid():
+        out["worker"] = worker
+    return out
 
 
 def repair_journal(path: Path) -> None:

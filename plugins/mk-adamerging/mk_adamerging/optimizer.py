@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergekit_core import Optimizer, OptimizerContext, Param, ParameterError
+from mergekit_core import ConfigError, Optimizer, OptimizerContext, Param, ParameterError
 
 GRANULARITY_POLICY = {"task": "per_task", "block": "per_task_layer", "layer": "per_tensor"}
 """Which lambda policy expresses the learned values, so a later merge can reuse them."""
+
+PLUS_REPLACES = ("task_arithmetic", "task_vector", "weighted_delta", "ties")
+"""The methods a config may name with ``plus: true`` (the merge becomes ``ties``)."""
 
 
 class AdaMerging(Optimizer):
@@ -62,12 +65,33 @@ class AdaMerging(Optimizer):
     def validate(self, params: dict[str, Any]) -> None:
         if params["split"] is not None and not isinstance(params["split"], str):
             raise ParameterError(f"{self.label}: 'split' must be a split name such as validation or test")
+        if params["tasks"] is not None and not params["tasks"]:
+            raise ParameterError(f"{self.label}: 'tasks' is empty; name the tasks to adapt on, or leave it out "
+                                 "to use the config's eval_tasks")
         for task in params["tasks"] or []:
             if not isinstance(task, str):
                 raise ParameterError(f"{self.label}: 'tasks' must be a list of task names, got {task!r}")
 
     def lambda_policy(self, params: dict[str, Any]) -> str:
         return GRANULARITY_POLICY[params["granularity"]]
+
+    def merge_method(self, params: dict[str, Any], configured: str) -> tuple[str, dict[str, Any]] | None:
+        """AdaMerging++ merges with TIES' per-task vectors: ``ties`` with the sum of the agreeing
+        entries weighted by the learned coefficients (``aggregate: sum``), which is
+        ``theta_0 + sum_t lambda_t ties_split(tau)_t``, what the coefficients were learned for."""
+        if not params["plus"]:
+            return None
+        if configured not in PLUS_REPLACES:
+            raise ConfigError(f"adamerging plus: true merges with TIES' per-task vectors (method ties, aggregate "
+                              f"sum); method {configured} cannot be that merge",
+                              hint="use method: task_arithmetic (mk then merges with ties)")
+        return "ties", {"k": params["plus_k"], "trim_scope": params["plus_trim_scope"], "aggregate": "sum",
+                        "sign_method": "mass", "sign_tie": "majority", "scale": 1.0}
+
+    def check(self, context: OptimizerContext, params: dict[str, Any]) -> None:
+        from mk_adamerging.train import preflight
+
+        preflight(context, params)
 
     def optimize(self, context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
         from mk_adamerging.train import adamerge

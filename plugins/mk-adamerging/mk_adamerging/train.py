@@ -10,6 +10,7 @@ takes a whole state dict, so one merged copy of the model exists during a step i
 
 from __future__ import annotations
 
+import difflib
 import math
 import resource
 import time
@@ -63,6 +64,8 @@ def check_method(context: OptimizerContext) -> None:
     """
     method = context.plan.method
     params = method.resolve_params(context.spec.method.params)
+    if method.name == "ties" and context.spec.optimizer.params.get("plus"):
+        return  # AdaMerging++: the optimizer set this merge (AdaMerging.merge_method)
     ok = method.linear and method.space == "delta"
     if ok:
         n = len(context.plan.sources)
@@ -83,11 +86,11 @@ def check_evaluator(evaluator: Evaluator, objective: str) -> None:
     needed = ["forward", "unlabeled_batches" if objective == "entropy" else "labelled_batches"]
     for fn in needed:
         if getattr(type(evaluator), fn) is getattr(Evaluator, fn):
+            other = {"unlabeled_batches": "cross_entropy", "labelled_batches": "entropy"}.get(fn)
             raise ConfigError(f"adamerging with objective {objective} needs evaluator {evaluator.name} to implement "
                               f"{fn}(), and it does not",
                               hint="choose an evaluator that gives batches and a differentiable forward "
-                                   "(digits does), or objective: " + ("cross_entropy" if fn == "unlabeled_batches"
-                                                                       else "entropy"))
+                                   "(digits does)" + (f", or objective: {other}" if other else ""))
 
 
 def groups_of(names: list[str], layers: dict[str, int | None], granularity: str) -> tuple[list[int], list[str]]:
@@ -181,9 +184,6 @@ def _task_data(context: OptimizerContext, params: dict[str, Any], tasks: list[st
     setup = context.setup
     labelled = params["objective"] == "cross_entropy"
     split = params["split"] or ("validation" if labelled else "test")
-    if split not in setup.evaluator.splits:
-        raise ConfigError(f"adamerging: unknown split {split!r} for evaluator {setup.evaluator.name}; its splits: "
-                          + ", ".join(setup.evaluator.splits))
     fn = "labelled_batches" if labelled else "unlabeled_batches"
     out = []
     for task in tasks:
@@ -221,58 +221,48 @@ def _entries(tv: Any, params: dict[str, Any], columns: list[int], device: torch.
     return entries
 
 
+def nonfinite_source(entries: list[Entry], sources: list[str]) -> str | None:
+    """'tensor X of source Y (or the base) holds NaN or Inf', for the first such tensor; None if all
+    are finite."""
+    for e in entries:
+        if not bool(torch.isfinite(e.base).all()):
+            return f"tensor {e.name} of the base model holds NaN or Inf"
+        for name, d in zip(sources, e.deltas):
+            parts = (d.B, d.A) if isinstance(d, LowRankDelta) else (d,)
+            if not all(bool(torch.isfinite(x).all()) for x in parts):
+                return f"tensor {e.name} of source {name} holds NaN or Inf"
+    return None
+
+
 def _peak_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def adamerge(context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
-    """Learn the coefficients; return the lambda policy's values (``GRANULARITY_POLICY``), and put
-    the values, the per-tensor table and the loss curve into ``context.artifacts``.
+def preflight(context: OptimizerContext, params: dict[str, Any]) -> None:
+    """Every check that needs no tensor and no training: the context, the lambda policy, the base,
+    the method, a ``weights`` file, or the evaluator, its methods, the tasks and the split (what
+    ``mk merge --dry-run`` runs).
 
     Raises:
-        ConfigError: no evaluator, an evaluator without forward or batches, a non-linear method,
-            an unknown task or split, no base model, a weights file for another merge.
-        MergeError: the loss is NaN or infinite (naming the step).
+        ConfigError: naming the key and what to do.
+        PluginError: called without the context ``mk merge`` builds.
     """
     if context.spec is None or context.host is None:
         raise PluginError("adamerging needs the optimizer context of mk merge "
                           "(mergekit_core.api.optimize_and_merge), not the engine's")
-    spec, plan = context.spec, context.plan
     granularity = params["granularity"]
     if context.policy.name != GRANULARITY_POLICY[granularity]:
         raise ConfigError(f"adamerging granularity {granularity} learns lambda policy "
                           f"{GRANULARITY_POLICY[granularity]}, the merge uses {context.policy.name}")
-    if spec.base_model is None:
+    if context.spec.base_model is None:
         raise ConfigError("adamerging learns coefficients of task vectors: give base_model")
     check_method(context)
-    sources = [s.name for s in plan.sources]
-    merged = [t for t in plan.by_action("merge")]
-    names = [t.name for t in merged]
-    layers = {t.name: t.layer for t in merged}
+    merged = context.plan.by_action("merge")
     if params["weights"] is not None:
-        values = read_values(params["weights"], granularity, sources, names)
-        tasks = []
-        report: dict[str, Any] = {"summary": f"coefficients from {params['weights']} (no adaptation)",
-                                  "weights": str(params["weights"])}
-    else:
-        values, tasks, report = _learn(context, params, names, layers)
-    context.artifacts["adamerging_values.json"] = values_bytes(values, granularity, sources, names, tasks)
-    context.artifacts["lambdas.json"] = table_bytes(values, context.policy.resolve, sources, layers)
-    context.report.update(report)
-    return values
-
-
-def setup_problem(context: OptimizerContext, params: dict[str, Any], names: list[str],
-                  layers: dict[str, int | None]) -> tuple[Problem | None, torch.Tensor, list[str], list[str]]:
-    """The checks, then what adaptation needs: the problem (None with ``steps: 0``, which reads
-    nothing), the coefficient matrix ``lam`` (T, G) at its initial value, the column labels and
-    the tasks.
-
-    Raises:
-        ConfigError: no evaluator, or one without forward or batches; an unknown task or split.
-    """
+        read_values(params["weights"], granularity, [s.name for s in context.plan.sources], [t.name for t in merged])
+        return
     setup = context.setup
     if setup is None and context.spec.sweep.get("evaluator"):
         raise PluginError("adamerging was called without the evaluation the config names: run the merge with "
@@ -283,11 +273,63 @@ def setup_problem(context: OptimizerContext, params: dict[str, Any], names: list
                           hint="for the digits pool: evaluator: digits, evaluator_params: {pool: PATH}")
     check_evaluator(setup.evaluator, params["objective"])
     known = [t.name for t in setup.evaluator.tasks(setup.params)]
-    tasks = list(params["tasks"] or [t.name for t in setup.tasks])
-    for task in tasks:
+    for task in params["tasks"] or []:
         if task not in known:
-            raise ConfigError(f"adamerging: unknown task {task!r} for evaluator {setup.evaluator.name}; its tasks: "
+            close = difflib.get_close_matches(task, known, n=1)
+            raise ConfigError(f"adamerging: unknown task {task!r} for evaluator {setup.evaluator.name}"
+                              + (f" (did you mean {close[0]!r}?)" if close else "") + "; its tasks: "
                               + ", ".join(known))
+    split = params["split"] or ("validation" if params["objective"] == "cross_entropy" else "test")
+    if split not in setup.evaluator.splits:
+        raise ConfigError(f"adamerging: unknown split {split!r} for evaluator {setup.evaluator.name}; its splits: "
+                          + ", ".join(setup.evaluator.splits))
+    choose_device(params)
+
+
+def adamerge(context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
+    """Learn the coefficients; return the lambda policy's values (``GRANULARITY_POLICY``), and put
+    the values, the per-tensor table and the loss curve into ``context.artifacts``.
+
+    Raises:
+        ConfigError: what ``preflight`` refuses.
+        MergeError: the loss is NaN or infinite (naming the step, and the source when a task
+            vector holds non-finite values).
+    """
+    preflight(context, params)
+    plan = context.plan
+    granularity = params["granularity"]
+    sources = [s.name for s in plan.sources]
+    merged = plan.by_action("merge")
+    names = [t.name for t in merged]
+    layers = {t.name: t.layer for t in merged}
+    if params["weights"] is not None:
+        values = read_values(params["weights"], granularity, sources, names)
+        tasks: list[str] = []
+        report: dict[str, Any] = {"summary": f"coefficients from {params['weights']} (no adaptation)",
+                                  "weights": str(params["weights"])}
+    else:
+        values, tasks, report = _learn(context, params, names, layers)
+    if params["plus"]:
+        report["summary"] += (f"; AdaMerging++: merged by ties (k {params['plus_k']:g}, "
+                              f"trim_scope {params['plus_trim_scope']}, aggregate sum) with these coefficients")
+    context.artifacts["adamerging_values.json"] = values_bytes(values, granularity, sources, names, tasks)
+    context.artifacts["lambdas.json"] = table_bytes(values, context.policy.resolve, sources, layers)
+    context.report.update(report)
+    return values
+
+
+def setup_problem(context: OptimizerContext, params: dict[str, Any], names: list[str],
+                  layers: dict[str, int | None]) -> tuple[Problem | None, torch.Tensor, list[str], list[str]]:
+    """``preflight``, then what adaptation needs: the problem (None with ``steps: 0``, which reads
+    nothing), the coefficient matrix ``lam`` (T, G) at its initial value, the column labels and
+    the tasks.
+
+    Raises:
+        ConfigError: what ``preflight`` refuses.
+    """
+    preflight(context, params)
+    setup = context.setup
+    tasks = list(params["tasks"] or [t.name for t in setup.tasks])
     columns, labels = groups_of(names, layers, params["granularity"])
     device = choose_device(params)
     dtype = choose_dtype(params, device)
@@ -330,6 +372,10 @@ def _learn(context: OptimizerContext, params: dict[str, Any], names: list[str], 
         optimizer.zero_grad(set_to_none=True)
         loss, per_task = problem.loss_and_grad(lam, batches)
         if not math.isfinite(loss):
+            culprit = nonfinite_source(entries, [s.name for s in context.plan.sources])
+            if culprit is not None:
+                raise MergeError(f"adamerging: the loss is {loss} at step {step}: {culprit}; nothing was written",
+                                 hint="check that source (a plain merge refuses it too)")
             bad = [t for t, v in zip(tasks, per_task) if not math.isfinite(v)]
             raise MergeError(f"adamerging: the loss is {loss} at step {step} (task {', '.join(bad) or '?'}); "
                              "nothing was written",

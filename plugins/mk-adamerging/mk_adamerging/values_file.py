@@ -5,6 +5,7 @@ lambda table the core's ``per_tensor`` policy reads without this plugin)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,8 @@ def read_values(path: str | Path, granularity: str, sources: Sequence[str], tens
         raise ConfigError(f"{path}: the weights are for other tensors than this merge changes: "
                           + _difference(data.get("tensors") or [], tensors))
     values = data.get("values")
-    if not isinstance(values, dict) or not all(isinstance(v, (int, float)) for v in values.values()):
-        raise ConfigError(f"{path}: 'values' must map lambda keys to numbers")
+    if not isinstance(values, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) for v in values.values()):
+        raise ConfigError(f"{path}: 'values' must map lambda keys to finite numbers; the file is damaged, learn "
+                          "the coefficients again")
     return {str(k): float(v) for k, v in values.items()}

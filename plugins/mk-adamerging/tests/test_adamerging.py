@@ -307,3 +307,92 @@ def test_run_merge_alone_says_to_use_optimize_and_merge(pool, tmp_path):
     data = {**config(pool, tmp_path, steps=1, granularity="task"), "lambda_policy": "per_task"}
     with pytest.raises(PluginError, match="optimize_and_merge"):
         run_merge(MergeConfig.from_dict(data).to_spec(), HOST, in_memory=True, write_bundle=False)
+
+
+def test_adamerging_plus_writes_the_merge_of_the_ties_processed_vectors(pool, tmp_path):
+    data = config(pool, tmp_path, steps=0, granularity="task", plus=True, plus_k=20)
+    result = optimize_and_merge(MergeConfig.from_dict(data).to_spec(), HOST, in_memory=True, write_bundle=False)
+    assert result.method == "ties" and result.params["aggregate"] == "sum"
+    plain = run_merge(MergeConfig.from_dict({**{k: v for k, v in data.items() if k != "optimizer"},
+                                             "method_params": {"lambda": 0.3}}).to_spec(), HOST,
+                      in_memory=True, write_bundle=False).state_dict
+    from safetensors.torch import load_file
+
+    base = load_file(pool / "base" / "model.safetensors")
+    sources = [load_file(pool / t / "model.safetensors") for t in TASKS]
+    names = [n for n in base if any(not torch.equal(s[n], base[n]) for s in sources)]
+    whole = [torch.cat([(s[n].float() - base[n].float()).reshape(-1) for n in names]) for s in sources]
+    split = _reference_ties_split(whole, 20)
+    merged = sum(0.3 * v for v in split)
+    offset = 0
+    differs = False
+    for n in names:
+        size = base[n].numel()
+        expected = base[n].float() + merged[offset:offset + size].reshape(base[n].shape)
+        torch.testing.assert_close(result.state_dict[n].float(), expected, rtol=1e-5, atol=1e-6)
+        differs |= not torch.allclose(result.state_dict[n].float(), plain[n].float())
+        offset += size
+    assert differs  # not the plain task arithmetic of the untrimmed vectors
+
+
+def test_a_table_that_misses_a_tensor_is_refused_unless_a_fallback_is_given(pool, tmp_path):
+    data = config(pool, tmp_path, steps=0)
+    result = optimize_and_merge(MergeConfig.from_dict(data).to_spec(), HOST, in_memory=True)
+    table = json.loads((result.run_dir / "lambdas.json").read_text())
+    dropped = sorted(table["tensors"])[0]
+    del table["tensors"][dropped]
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "partial.json").write_text(json.dumps(table))
+    plain = {k: v for k, v in data.items() if k != "optimizer"}
+    for params, ok in (({}, False), ({"fallback": 0.3}, True)):
+        cfg = {**plain, "lambda_policy": {"name": "per_tensor",
+                                          "params": {"table": "../tables/partial.json", **params}}}
+        path = tmp_path / "cfg" / "t.yaml"  # the table's path is relative to the config file
+        path.write_text(yaml.safe_dump(cfg))
+        out = tmp_path / f"out_{ok}"
+        run = run_mk(["merge", str(path), "--out", str(out)], host=HOST)
+        assert (run.exit_code == 0) == ok, run.stderr
+        if not ok:
+            assert dropped in run.stderr and "fallback" in run.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    ({"weights": "/nonexistent/adamerging_values.json"}, "cannot read the AdaMerging weights"),
+    ({"tasks": ["uprigth"]}, "did you mean 'upright'"),
+    ({"tasks": []}, "'tasks' is empty"),
+])
+def test_the_dry_run_runs_the_optimizers_checks(pool, tmp_path, params, expected):
+    path = tmp_path / "dry.yaml"
+    path.write_text(yaml.safe_dump(config(pool, tmp_path, **params)))
+    run = run_mk(["merge", str(path), "--dry-run"], host=HOST)
+    assert run.exit_code == 2 and expected in run.stderr, run.stderr
+
+
+def test_non_finite_saved_values_and_sources_are_named(pool, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    data = config(pool, tmp_path, steps=0)
+    result = optimize_and_merge(MergeConfig.from_dict(data).to_spec(), HOST, in_memory=True)
+    saved = json.loads((result.run_dir / "adamerging_values.json").read_text())
+    first = next(iter(saved["values"]))
+    text = json.dumps(saved).replace(f'"{first}": {saved["values"][first]}', f'"{first}": NaN')
+    (tmp_path / "nan.json").write_text(text)
+    bad = dict(data, optimizer={"name": "adamerging", "params": {"weights": str(tmp_path / "nan.json")}})
+    with pytest.raises(Exception, match="finite numbers"):
+        optimize_and_merge(MergeConfig.from_dict(bad).to_spec(), HOST, in_memory=True)
+
+    import shutil
+
+    broken = tmp_path / "rotated"
+    shutil.copytree(pool / "rotated", broken)
+    tensors = load_file(broken / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, broken / "model.safetensors")
+    nan_source = dict(config(pool, tmp_path, steps=2, granularity="task"))
+    nan_source["sources"] = [str(pool / "upright"), str(broken), str(pool / "parity")]
+    from mergekit_core import MergeError
+
+    with pytest.raises(MergeError, match=f"tensor {name} of source rotated holds NaN"):
+        optimize_and_merge(MergeConfig.from_dict(nan_source).to_spec(), HOST, in_memory=True)

@@ -171,3 +171,14 @@ def test_ready_sweep_config_runs(pool, tmp_path):
     result = run_sweep(cfg, HOST)
     assert len(result["points"]) == 8 and result["best"]["score"] is not None
     assert all(r["metrics"] for r in result["points"])
+
+
+def test_a_missing_pool_stops_mk_merge_eval_before_anything_is_written(pool, tmp_path):
+    path, _ = pool
+    out = tmp_path / "merged"
+    result = run_mk(["merge", "--method", "task_arithmetic", "--base", str(path / "base"), "--sources",
+                     str(path / "upright"), str(path / "rotated"), "--out", str(out), "--output-dir",
+                     str(tmp_path / "runs"), "--eval-tasks", "upright", "--evaluator", "digits",
+                     "--eval-param", f"pool={tmp_path / 'no-pool'}"], host=HOST)
+    assert result.exit_code != 0 and "not a digits pool" in result.stderr, result.stderr
+    assert not out.exists() and not (tmp_path / "runs").exists()

@@ -1,16 +1,20 @@
-"""TIES trimming over the whole task vector (``trim_scope: model``) in two streaming passes.
+"""TIES trimming over the whole task vector (``trim_scope: model``) in one streaming pass (two
+where pass 1 could not keep what the threshold needs).
 
 Pass 1 histograms every source's magnitudes into 32768 exact buckets (the top bits of the
-float32 pattern); the bucket holding the k-th largest magnitude follows from the counts. Pass 2
-collects only that bucket's values and selects the threshold inside it with ``kthvalue``. The
-result equals sorting the whole concatenated task vector, without ever holding it: memory is one
-tensor plus one bucket. Entries equal to the threshold are kept in plan order, lowest index first,
+float32 pattern); the bucket holding the k-th largest magnitude follows from the counts. Only
+that bucket's values are needed to select the threshold inside it with ``kthvalue``: pass 1 keeps
+the values near the running estimate of that bucket, and a second pass re-reads only the tensors
+whose kept values missed it. The result equals sorting the whole concatenated task vector,
+without ever holding it: memory is one tensor plus the kept values (at most ``KEEP_BYTES``) and
+each tensor's histogram over its occupied buckets. Entries equal to the threshold are kept in plan order, lowest index first,
 so exactly k% of the entries survive.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,48 +43,128 @@ def _flat_abs(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().reshape(-1).float()
 
 
-def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
-    counts: list[torch.Tensor] = []
-    totals: list[int] = []
+@dataclass
+class _Source:
+    """Pass-1 statistics of one source: its histogram, size, and per tensor the histogram and
+    the values kept in a window of buckets around the running estimate of the threshold's."""
+
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(BUCKETS, dtype=torch.int64))
+    total: int = 0
+    hists: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    """Per tensor: its first occupied bucket and the counts from there to its last one."""
+    windows: dict[str, tuple[int, int, torch.Tensor]] = field(default_factory=dict)
+
+    def count_in(self, name: str, bucket: int) -> int:
+        """How many of tensor ``name``'s magnitudes lie in ``bucket``."""
+        if name not in self.hists:
+            return 0
+        first, counts = self.hists[name]
+        return int(counts[bucket - first]) if first <= bucket < first + counts.numel() else 0
+
+
+WINDOW = 6
+"""Buckets kept on either side of the running estimate (a bucket is 1/128 of an octave)."""
+
+KEEP_BYTES = 1 << 30
+"""At most this many bytes of windowed values are kept in pass 1; tensors past it are re-read."""
+
+
+def _groups_of(context: PrepareContext, names: set[str]) -> Any:
+    """The groups of the tensors ``names``: only those are read where the context can (the
+    engine's ``groups_of``), else every group is read and the others skipped."""
+    only = getattr(context, "groups_of", None)
+    if only is not None:
+        yield from only(names)
+        return
     for group in context.groups():
+        if group.name in names:
+            yield group
+
+
+def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
+    """Per-source thresholds keeping the top ``k`` percent of magnitudes over the whole model.
+
+    Pass 1 reads every tensor once: per tensor it keeps its histogram and the values within
+    ``WINDOW`` buckets of where the threshold's bucket lies given what has been read so far.
+    The threshold's bucket is then known exactly; a tensor needs a second read only if it has
+    values in that bucket that its window missed (a threshold that moved far late in the pass,
+    or the ``KEEP_BYTES`` budget spent), so the merge usually reads the sources twice in all.
+    """
+    stats: list[_Source] = []
+    names: list[str] = []
+    kept_bytes = 0
+    for group in context.groups():
+        names.append(group.name)
         for i, x in enumerate(group.tensors):
-            if i == len(counts):
-                counts.append(torch.zeros(BUCKETS, dtype=torch.int64))
-                totals.append(0)
-            counts[i] += bucket_counts(_flat_abs(x))
-            totals[i] += x.numel()
+            if i == len(stats):
+                stats.append(_Source())
+            src = stats[i]
+            a = _flat_abs(x)
+            buckets = magnitude_bucket(a)
+            hist = torch.bincount(buckets, minlength=BUCKETS).cpu()
+            src.counts += hist
+            src.total += x.numel()
+            occupied = torch.nonzero(hist).flatten()
+            first = int(occupied[0]) if occupied.numel() else 0
+            last = int(occupied[-1]) if occupied.numel() else -1
+            src.hists[group.name] = (first, hist[first:last + 1].to(torch.int32))
+            m = keep_count(k / 100.0, src.total)
+            if 0 < m < src.total and kept_bytes < KEEP_BYTES:
+                guess = locate(src.counts, m)[0]
+                lo, hi = guess - WINDOW, guess + WINDOW
+                values = a[(buckets >= lo) & (buckets <= hi)].cpu()
+                kept_bytes += values.numel() * values.element_size()
+                src.windows[group.name] = (lo, hi, values)
+            del a, buckets
     result = GlobalTrim()
     plans = []  # per source: (bucket, how many to take inside it) or None
-    for c, n in zip(counts, totals):
-        m = keep_count(k / 100.0, n)
+    for src in stats:
+        m = keep_count(k / 100.0, src.total)
         if m == 0:
             result.thresholds.append(float("inf"))
             plans.append(None)
-        elif m == n:
+        elif m == src.total:
             result.thresholds.append(-1.0)
             plans.append(None)
         else:
-            plans.append(locate(c, m))
+            plans.append(locate(src.counts, m))
             result.thresholds.append(0.0)
         result.ties.append({})
     if all(p is None for p in plans):
         return result
-    members: list[list[tuple[str, torch.Tensor]]] = [[] for _ in plans]
-    for group in context.groups():
-        for i, x in enumerate(group.tensors):
-            if plans[i] is None:
+    members: list[dict[str, torch.Tensor]] = [{} for _ in plans]
+    reread: set[str] = set()
+    for i, (src, plan) in enumerate(zip(stats, plans)):
+        if plan is None:
+            continue
+        bucket = plan[0]
+        for name in names:
+            if not src.count_in(name, bucket):
                 continue
-            a = _flat_abs(x)
-            members[i].append((group.name, a[magnitude_bucket(a) == plans[i][0]]))
+            window = src.windows.get(name)
+            if window is not None and window[0] <= bucket <= window[1]:
+                v = window[2]
+                members[i][name] = v[magnitude_bucket(v) == bucket]
+            else:
+                reread.add(name)
+        src.windows.clear()
+    if reread:
+        for group in _groups_of(context, reread):
+            for i, x in enumerate(group.tensors):
+                if plans[i] is None or group.name in members[i] or not stats[i].count_in(group.name, plans[i][0]):
+                    continue
+                a = _flat_abs(x)
+                members[i][group.name] = a[magnitude_bucket(a) == plans[i][0]].cpu()
     for i, plan in enumerate(plans):
         if plan is None:
             continue
-        values = torch.cat([v for _, v in members[i]])
+        ordered = [(name, members[i][name]) for name in names if name in members[i]]
+        values = torch.cat([v for _, v in ordered])
         need = plan[1]
         threshold = kth_in(values, need)
         budget = need - int((values > threshold).sum())
         result.thresholds[i] = threshold
-        for name, v in members[i]:
+        for name, v in ordered:
             take = min(budget, int((v == threshold).sum()))
             if take:
                 result.ties[i][name] = take

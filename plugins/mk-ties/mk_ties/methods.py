@@ -38,9 +38,10 @@ SIGN_TIE = Param("sign_tie", "majority",
                  "paper's code), positive (+1, as PEFT and mergekit), or zero (dropped)",
                  choices=("majority", "positive", "zero"))
 AGGREGATE = Param("aggregate", "mean", "combine agreeing entries by their mean (paper), their sum (FusionBench; "
-                  "mergekit's normalize: false) or their coefficient-weighted mean: the sum divided by the sum of "
-                  "the agreeing coefficients (weighted_mean, mergekit's normalize: true)",
-                  choices=("mean", "sum", "weighted_mean"))
+                  "mergekit's normalize: false), their coefficient-weighted mean: the sum divided by the sum of "
+                  "the agreeing coefficients (weighted_mean, mergekit's normalize: true), or the largest "
+                  "|c_t tau_t| with the elected sign (max, the TIES code's and FusionBench's dis-max)",
+                  choices=("mean", "sum", "weighted_mean", "max"))
 WEIGHTED_ELECTION = Param("weighted_election", False,
                           "elect signs on the coefficient-weighted task vectors c_t * tau_t (mergekit) instead of "
                           "on tau_t (the paper, PEFT); equal positive coefficients elect the same signs", type=bool)
@@ -103,6 +104,19 @@ class _PerTensorDensity:
         check_rules(params["density"], f"{self.label}: density")  # type: ignore[attr-defined]
 
 
+def elect_and_aggregate(flats: list[torch.Tensor], coefficients: list[float], params: dict[str, Any],
+                        masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sign election and disjoint aggregation (``kernels.elect_and_merge``; ``consensus.elect_and_max``
+    for ``aggregate: max``) of the 1-D ``flats``."""
+    if params["aggregate"] == "max":
+        from mk_ties.consensus import elect_and_max
+
+        return elect_and_max(flats, coefficients, params, masks)
+    from mk_ties.kernels import elect_and_merge
+
+    return elect_and_merge(flats, coefficients, params, masks)
+
+
 def scaled(out: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
     return out.mul_(params["scale"]) if params["scale"] != 1.0 else out
 
@@ -142,7 +156,6 @@ class Ties(_PerTensorDensity, MergeMethod):
         return layout
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        from mk_ties.kernels import elect_and_merge
         from mk_ties.select import keep_count, top_mask
 
         trim = state.trim if isinstance(state, Layout) else state
@@ -160,7 +173,7 @@ class Ties(_PerTensorDensity, MergeMethod):
                     m = max(m, min(params["min_kept"], a.numel()))
                 masks.append(top_mask(a, m))
             del a
-        out = elect_and_merge(flats, group.coefficients, params, masks)
+        out = elect_and_aggregate(flats, group.coefficients, params, masks)
         return scaled(out, params).reshape(group.tensors[0].shape)
 
 
@@ -212,10 +225,8 @@ class DareTies(_DareMixin, MergeMethod):
               WEIGHTED_ELECTION, SCALE)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        from mk_ties.kernels import elect_and_merge
-
         flats = [x.reshape(-1) for x in self.dropped(group, params, state)]
-        return scaled(elect_and_merge(flats, group.coefficients, params), params).reshape(group.tensors[0].shape)
+        return scaled(elect_and_aggregate(flats, group.coefficients, params), params).reshape(group.tensors[0].shape)
 
 
 BETA = Param("beta", 0.01, "fraction of the largest magnitudes dropped in each tensor", type=float,
@@ -276,10 +287,8 @@ class BreadcrumbsTies(_BreadcrumbsMixin, MergeMethod):
               WEIGHTED_ELECTION, SCALE)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        from mk_ties.kernels import elect_and_merge
-
         flats = [x.reshape(-1) for x in group.tensors]
-        out = elect_and_merge(flats, group.coefficients, params, self.masks(group, params, state))
+        out = elect_and_aggregate(flats, group.coefficients, params, self.masks(group, params, state))
         return scaled(out, params).reshape(group.tensors[0].shape)
 
 

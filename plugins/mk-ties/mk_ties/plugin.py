@@ -5,9 +5,10 @@ from mergekit_core import hookimpl
 
 @hookimpl
 def mk_merge_methods():
+    from mk_ties.della_sce import METHODS as DELLA_SCE
     from mk_ties.methods import METHODS
 
-    return METHODS
+    return [*METHODS, *DELLA_SCE]
 
 
 @hookimpl

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 BUCKETS = 1 << 15
+NONFINITE = 0x7F80
+"""The first bucket holding infinities and NaN (exponent bits all set)."""
 
 
 def keep_count(fraction: float, n: int) -> int:
@@ -31,7 +33,7 @@ def magnitude_bucket(a: torch.Tensor) -> torch.Tensor:
 
 
 def bucket_counts(a: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(magnitude_bucket(a), minlength=BUCKETS)
+    return torch.bincount(magnitude_bucket(a), minlength=BUCKETS).cpu()
 
 
 def locate(counts: torch.Tensor, m: int) -> tuple[int, int]:
@@ -51,22 +53,38 @@ def kth_in(values: torch.Tensor, rank: int) -> float:
 def kth_largest(a: torch.Tensor, m: int) -> float:
     """The m-th largest entry of the non-negative 1-D tensor ``a`` (1 <= m <= a.numel())."""
     buckets = magnitude_bucket(a)
-    bucket, rank = locate(torch.bincount(buckets, minlength=BUCKETS), m)
+    bucket, rank = locate(torch.bincount(buckets, minlength=BUCKETS).cpu(), m)
     return kth_in(a.float()[buckets == bucket], rank)
 
 
 def top_mask(a: torch.Tensor, m: int) -> torch.Tensor:
-    """Boolean mask of the ``m`` largest entries of the non-negative 1-D ``a`` (ties: lowest index)."""
+    """Boolean mask of the ``m`` largest entries of the non-negative 1-D ``a`` (ties: lowest index).
+
+    Every entry equal to the threshold lies in its bucket, so the count above it and the tied
+    positions come from the bucket's members and the histogram, never from a full-size pass.
+    """
     n = a.numel()
     if m <= 0:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.bool, device=a.device)
     if m >= n:
-        return torch.ones(n, dtype=torch.bool)
-    threshold = kth_largest(a, m)
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    exact = a.float()
+    buckets = magnitude_bucket(exact)
+    counts = torch.bincount(buckets, minlength=BUCKETS).cpu()
+    bucket, rank = locate(counts, m)
+    where = torch.nonzero(buckets == bucket).flatten()
+    del buckets
+    threshold = kth_in(exact[where], rank)
+    del exact
     mask = a > threshold
-    need = m - int(mask.sum())
+    values = a[where]
+    if a.dtype == torch.float32 and not int(counts[NONFINITE:].sum()):  # NaN would sit above, yet not be >
+        above = int(counts[bucket + 1:].sum()) + int(torch.count_nonzero(values > threshold))
+    else:
+        above = int(torch.count_nonzero(mask))
+    need = m - above
     if need > 0:
-        mask[torch.nonzero(a == threshold).flatten()[:need]] = True
+        mask[where[values == threshold][:need]] = True
     return mask
 
 

@@ -5,7 +5,9 @@ Source: Yang et al., AdaMerging (ICLR 2024), AdaMerging++ = the task vectors thr
 ``ties_merging_split`` of the official code (``src/ties_merging_utils.py``): keep each task's top
 k% by magnitude (over the whole task vector there; ``trim_scope`` here), elect the sign of the
 summed trimmed vectors, keep each task's entries whose sign agrees. Exact cancellations (a sum of
-0) take the majority sign of the tensor, as ``resolve_sign`` does.
+0) take the majority sign of the tensor, as ``resolve_sign`` does; this equals the ``ties`` method's
+masks with ``sign_method: mass, sign_tie: majority``, so ``ties`` with ``aggregate: sum`` merges
+these vectors with any coefficients.
 """
 
 from __future__ import annotations
@@ -60,6 +62,6 @@ def ties_split(name: str, deltas: Sequence[torch.Tensor], k: float, trim: Global
     total = torch.stack(kept).sum(0)
     elected = torch.sign(total)
     majority = torch.sign(elected.sum())
-    elected[elected == 0] = majority if majority != 0 else 1.0
+    elected[elected == 0] = majority  # 0 when the tensor's signs cancel: those entries are dropped, as ties does
     return [torch.where(torch.sign(x) == elected, x, torch.zeros_like(x)).reshape(d.shape)
             for x, d in zip(kept, deltas)]

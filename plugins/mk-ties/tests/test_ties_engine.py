@@ -114,7 +114,8 @@ def test_listed_with_every_parameter_documented():
     entry = next(e for e in listing if e["name"] == "ties")
     assert entry["distribution"] == "mk-ties" and entry["status"] == "ok"
     assert set(entry["provides"]["merge_method"]) == {"ties", "dare_linear", "dare_ties", "breadcrumbs",
-                                                      "breadcrumbs_ties"}
+                                                      "breadcrumbs_ties", "della", "della_linear", "sce",
+                                                      "ram", "ramplus_tl"}
     assert set(entry["provides"]["transform"]) == {"trim", "dare", "magnitude_prune"}
     shown = json.loads(run_mk(["plugins", "show", "ties", "--json"], host=HOST).stdout)[0]
     assert {p["name"] for p in shown["params"]} == {"k", "trim_scope", "sign_method", "sign_tie", "aggregate",

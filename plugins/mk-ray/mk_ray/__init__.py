@@ -1,0 +1,1 @@
+"""mk-ray: sweep and search trials on a Ray cluster for mergekit-core."""
