@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from mergekit_core import PrepareContext
-from mk_ties.select import BUCKETS, bucket_counts, keep_count, kth_in, locate, magnitude_bucket
+from mk_ties.select import BUCKETS, keep_count, kth_in, locate, magnitude_bucket
 
 
 @dataclass
