@@ -15,7 +15,7 @@ from mergekit_core import Evaluator, Param, TaskInfo, hookimpl
 from mergekit_core.config import MergeConfig
 from mergekit_core.evaluation.evaluate import evaluate_merge
 from mergekit_core.evaluation.index import read_index
-from mergekit_core.evaluation.scoring import make_setup
+from mergekit_core.evaluation.scoring import make_setup, setup_from_spec
 from mergekit_core.evaluation.subsets import SubsetSpec, subset_indices
 from mergekit_core.evaluation.sweep import read_journal, run_sweep
 from mergekit_core.io.readers import SafetensorsReader
@@ -371,3 +371,12 @@ def test_evaluating_a_model_mk_wrote_gives_interference_against_its_sources(tmp_
     data = json.loads(result.stdout)
     assert data["method"] == "task_arithmetic"
     assert all(e["interference_delta"] is not None for e in data["tasks"].values())
+
+
+def test_an_empty_eval_tasks_list_is_refused_not_read_as_all(tmp_path, models):
+    from mergekit_core.errors import ConfigError
+
+    spec = MergeConfig.from_dict({**config(tmp_path, models, method="task_arithmetic").data,
+                                  "eval_tasks": []}).to_spec()
+    with pytest.raises(ConfigError, match="eval_tasks is empty"):
+        setup_from_spec(HOST, spec)

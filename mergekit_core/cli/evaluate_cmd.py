@@ -102,7 +102,7 @@ def register(app: typer.Typer, host: PluginHost) -> None:
     @sweep_app.command("show")
     def show(
         paths: list[Path] = typer.Argument(..., help="Sweep summaries (sweep_*.json in the combo's sweeps/ folder)."),
-        limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many points of each."),
+        limit: int = typer.Option(50, "--limit", "-n", min=1, help="Show at most this many points of each."),
         order: str = typer.Option("score", "--order", help="score (best first) or run (evaluation order)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON (a list for several)."),
     ) -> None:

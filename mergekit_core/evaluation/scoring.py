@@ -66,6 +66,9 @@ def setup_from_spec(host: PluginHost, spec: MergeSpec, *, evaluator: str | None 
     """The evaluation a config asks for (``evaluator``, ``evaluator_params``, ``eval_tasks``,
     ``split``, ``eval_subset``), with what the command line gives taking precedence."""
     sweep = spec.sweep
+    if not tasks and "eval_tasks" in sweep and not sweep["eval_tasks"]:
+        raise ConfigError("eval_tasks is empty: name the tasks to evaluate, or leave eval_tasks out for all of "
+                          "the evaluator's tasks")
     return make_setup(host, evaluator or sweep.get("evaluator"),
                       {**(sweep.get("evaluator_params") or {}), **(params or {})},
                       tasks or sweep.get("eval_tasks"), split or sweep.get("split", "validation"),

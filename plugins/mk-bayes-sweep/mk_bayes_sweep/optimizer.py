@@ -46,6 +46,12 @@ class BayesOptimizer(Optimizer):
         if params["min"] > params["max"]:
             raise ParameterError(f"{self.label}: min {params['min']:g} is greater than max {params['max']:g}")
 
+    def check(self, context: OptimizerContext, params: dict[str, Any]) -> None:
+        """What ``mk merge --dry-run`` can refuse: no evaluator to score merges with."""
+        if context.evaluate is None:
+            raise ConfigError("optimizer bayes scores merges: the config needs an evaluator "
+                              "(evaluator: NAME, evaluator_params, eval_tasks)")
+
     def optimize(self, context: OptimizerContext, params: dict[str, Any]) -> dict[str, float]:
         from mk_bayes_sweep.search import BayesSearch
         from mk_bayes_sweep.space import Dim, Entry, Space

@@ -63,3 +63,12 @@ def test_bayes_optimizer_without_an_evaluator_or_with_a_bad_key_is_one_line(swee
     result = run_mk(["merge", str(path), "--out", str(tmp_path / "m3")], host=host)
     assert result.exit_code == 2 and "budget 2 is below init_points 4" in result.stderr
     assert "Traceback" not in result.stderr and not toy.CALLS.get("ft9")
+
+
+def test_the_dry_run_refuses_a_bayes_merge_without_an_evaluator(sweep_config, host, tmp_path):
+    data = merge_config(sweep_config)
+    del data["evaluator"], data["evaluator_params"]
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = run_mk(["merge", str(path), "--dry-run"], host=host)
+    assert result.exit_code == 2 and "optimizer bayes scores merges" in result.stderr, result.stderr

@@ -51,6 +51,15 @@ class LmEvalEvaluator(Evaluator):
         include = str(Path(params["include_path"]).absolute()) if params.get("include_path") else None
         return (str(Path(spec).expanduser().absolute()) if is_file(spec) else spec), include, params["num_fewshot"]
 
+    def validate(self, params: dict[str, Any]) -> None:
+        device = params["device"]
+        if device is not None and device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"lm_eval: device {device}, but torch sees no GPU; use device: cpu or leave it "
+                                  "out (cuda when available, else cpu)")
+
     def tasks(self, params: dict[str, Any]) -> list[TaskInfo]:
         """Each named task, loaded (data included) so that a bad name or a missing data file
         stops the command before anything is merged."""

@@ -232,3 +232,15 @@ def test_tied_embeddings_that_differ_in_a_merge_are_refused(pool, tmp_path):
     state = state_dict(pool["tiny_a"])  # untied: lm_head differs from the embeddings
     with pytest.raises(FormatError, match="model.embed_tokens.weight and lm_head.weight are one tensor"):
         ev.evaluate(state, "tiny_a", "test", None, p)
+
+
+def test_device_cuda_without_a_gpu_is_one_line_before_anything_runs():
+    import torch
+    from mk_lm_eval.evaluator import LmEvalEvaluator
+
+    from mergekit_core import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: device cuda is valid here")
+    with pytest.raises(ConfigError, match="torch sees no GPU"):
+        LmEvalEvaluator().resolve_params({"tasks": ["x"], "device": "cuda"})
