@@ -140,7 +140,12 @@ def plan_sweep(config: MergeConfig, host: PluginHost, *, evaluator: str | None =
     executor, executor_params = _executor(spec.sweep.get("executor"), host)
     spec_json = spec.to_json()
     spec_json["sweep"].pop("executor", None)  # where trials run does not change their results
-    identity = json.dumps({"spec": spec_json, "search": search}, sort_keys=True, default=str)
+
+    def same_points(s: Any) -> Any:  # a larger budget goes on from the same journal
+        return {k: v for k, v in s.items() if k != "budget"} if isinstance(s, dict) else s
+
+    spec_json["sweep"]["search"] = same_points(spec_json["sweep"].get("search"))
+    identity = json.dumps({"spec": spec_json, "search": same_points(search)}, sort_keys=True, default=str)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:12]
     journal = combo_dir(spec.output_dir, spec.method.name, spec.task_combo) / "sweeps" / f"journal_{digest}.jsonl"
     return SweepPlan(config, spec, setup, strategy, strategy_params, space, seed, targets, policy_name, journal,

@@ -207,3 +207,18 @@ def test_the_png_shows_the_best_so_far_and_the_1d_gp(sweep_config, host):
     result = run_sweep(MergeConfig.from_dict(sweep_config()), host)
     png = Path(result["plot"])
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_resume_with_a_larger_budget_goes_on_from_the_same_journal(sweep_config, host, tmp_path):
+    data = sweep_config()
+    data["search"]["budget"] = 4
+    first = run_sweep(MergeConfig.from_dict(data), host)
+    data["search"]["budget"] = 6
+    toy.CALLS.clear()
+    more = run_sweep(MergeConfig.from_dict(data), host, resume=True)
+    assert sum(toy.CALLS.values()) == 2 * 3  # only the 2 new points, on 3 tasks
+    points = [p["point"] for p in more["points"]]
+    assert len(points) == 6 and points[:4] == [p["point"] for p in first["points"]]
+    data["output_dir"] = str(tmp_path / "straight")
+    straight = run_sweep(MergeConfig.from_dict(data), host)
+    assert [p["point"] for p in straight["points"]] == points  # as if it had run with 6 from the start
