@@ -353,8 +353,9 @@ class Optimizer(Component):
 
     def check(self, context: OptimizerContext, params: dict[str, Any]) -> None:
         """Everything that can be checked before the optimizer runs (its data, its evaluator,
-        saved files): ``mk merge --dry-run`` calls it, and ``mk merge`` before ``optimize``.
-        Raise a ``ConfigError`` naming the key and what to do."""
+        saved files): ``mk merge --dry-run`` calls it, and every caller of ``optimize`` calls it
+        first with the same context, so ``optimize`` may rely on it. Raise a ``ConfigError``
+        naming the key and what to do."""
 
     def merge_method(self, params: dict[str, Any], configured: str) -> tuple[str, dict[str, Any]] | None:
         """The merge method (name, parameters) the learned values are for, when this optimizer's

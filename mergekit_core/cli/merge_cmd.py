@@ -160,7 +160,9 @@ def print_plan(spec: Any, host: PluginHost) -> dict[str, Any]:
     if spec.optimizer.name != "none":  # everything the optimizer can check without running
         with optimizer_context(spec, host) as (context, optimizer, params):
             optimizer.check(context, params)
-    spec = with_optimizer_policy(spec, host)
+            spec = context.spec  # with the method and policy the optimizer sets
+    else:
+        spec = with_optimizer_policy(spec, host)
     comps = resolve_components(spec, host)
     plan = build_plan(spec, host, comps.method)
     try:

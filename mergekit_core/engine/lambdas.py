@@ -28,4 +28,5 @@ def lambda_values(plan: MergePlan, comps: Components, host: PluginHost,
     context = OptimizerContext(plan=plan, policy=comps.policy, policy_params=comps.policy_params,
                                initial_values=initial_values(plan, comps), build_merged=build_merged,
                                extras={"host": host}, spec=plan.spec, host=host)
+    comps.optimizer.check(context, comps.optimizer_params)
     return dict(comps.optimizer.optimize(context, comps.optimizer_params))

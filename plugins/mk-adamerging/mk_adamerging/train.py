@@ -294,8 +294,9 @@ def adamerge(context: OptimizerContext, params: dict[str, Any]) -> dict[str, flo
         ConfigError: what ``preflight`` refuses.
         MergeError: the loss is NaN or infinite (naming the step, and the source when a task
             vector holds non-finite values).
+
+    ``preflight`` has run (``AdaMerging.check``, called before ``optimize``).
     """
-    preflight(context, params)
     plan = context.plan
     granularity = params["granularity"]
     sources = [s.name for s in plan.sources]
@@ -320,14 +321,9 @@ def adamerge(context: OptimizerContext, params: dict[str, Any]) -> dict[str, flo
 
 def setup_problem(context: OptimizerContext, params: dict[str, Any], names: list[str],
                   layers: dict[str, int | None]) -> tuple[Problem | None, torch.Tensor, list[str], list[str]]:
-    """``preflight``, then what adaptation needs: the problem (None with ``steps: 0``, which reads
-    nothing), the coefficient matrix ``lam`` (T, G) at its initial value, the column labels and
-    the tasks.
-
-    Raises:
-        ConfigError: what ``preflight`` refuses.
-    """
-    preflight(context, params)
+    """What adaptation needs, once ``preflight`` has passed: the problem (None with ``steps: 0``,
+    which reads nothing), the coefficient matrix ``lam`` (T, G) at its initial value, the column
+    labels and the tasks."""
     setup = context.setup
     tasks = list(params["tasks"] or [t.name for t in setup.tasks])
     columns, labels = groups_of(names, layers, params["granularity"])

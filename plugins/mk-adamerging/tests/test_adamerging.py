@@ -49,7 +49,8 @@ def config(pool: Path, tmp_path: Path, lora: bool = False, **optimizer) -> dict:
 
 def problem_for(data: dict, host=HOST):
     """The AdaMerging problem of a config, in the context mk merge builds, and fixed batches."""
-    with optimizer_context(MergeConfig.from_dict(data).to_spec(), host) as (context, _, params):
+    with optimizer_context(MergeConfig.from_dict(data).to_spec(), host) as (context, optimizer, params):
+        optimizer.check(context, params)
         merged = context.plan.by_action("merge")
         names = [t.name for t in merged]
         problem, lam, labels, _ = setup_problem(context, params, names, {t.name: t.layer for t in merged})
