@@ -5,7 +5,7 @@ checks, write.
 Wraps the engine's and mk-ties' functions with timers (no change to what they compute) and runs
 one ``run_merge`` in this process. Reading happens on a reader thread while the main thread
 computes, so "read (reader thread)" overlaps the rest; "wait for read" is the main thread's idle
-time waiting for it. "other" is the main thread's remaining time: casts to the output dtype,
+time waiting for it; the same for "write (writer thread)" and "wait for write". "other" is the main thread's remaining time: casts to the output dtype,
 finiteness checks, norms, plan and bookkeeping.
 
     python benchmarks/merge_phases.py --pool DIR --method ties --trim-scope tensor --out /tmp/x/out
@@ -60,8 +60,10 @@ def instrument() -> None:
     timed(merger.TensorMerger, "read_copy", "read (reader thread)")
     timed(merger.TensorMerger, "deltas", "deltas (to float32, minus base)")
     timed(merger.TensorMerger, "fused", "fused linear (deltas, sum, cast)")
-    timed(writer.StreamingSafetensorsWriter, "write", "write")
-    timed(writer.StreamingSafetensorsWriter, "close", "write")
+    timed(writer.StreamingSafetensorsWriter, "write", "write (writer thread)")
+    timed(writer.StreamingSafetensorsWriter, "close", "write (writer thread)")
+    if hasattr(stream, "_BackgroundSink"):
+        timed(stream._BackgroundSink, "drain", "wait for write")
     original = stream._prefetched
 
     def waiting(m: Any, tensors: Any) -> Any:
@@ -120,7 +122,8 @@ def main() -> None:
     run_merge(MergeConfig.from_dict(data).to_spec(), PluginHost())
     wall = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    main_thread = sum(v for k, v in TIMES.items() if "read (reader thread)" not in k and not k.startswith(PREPARE + ":"))
+    main_thread = sum(v for k, v in TIMES.items()
+                      if "thread)" not in k and not k.startswith(PREPARE + ":"))
     phases = {k: round(v, 2) for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])}
     phases["other (cast, checks, norms, plan)"] = round(wall - main_thread, 2)
     print(json.dumps({"method": args.method, "trim_scope": args.trim_scope if args.method == "ties" else None,

@@ -261,3 +261,59 @@ def test_safetensors_file_reader_lists_without_loading(tmp_path):
     assert reader.infos()["model.layers.0.mlp.up_proj.weight"].dtype == "F16"
     assert reader._handles == {}  # nothing opened for data yet
     assert reader.get("empty").shape == (0, 3)
+
+
+def test_mapped_tensors_equal_the_file_and_never_change_it(tmp_path):
+    """Large tensors are memory-mapped privately (small ones read with pread): both equal what
+    safetensors loads, and writing into a returned tensor leaves the file as it was."""
+    from mergekit_core.io.readers import MAP_MIN_BYTES
+
+    path = tmp_path / "w.safetensors"
+    big = torch.randn(MAP_MIN_BYTES // 4 + 3, dtype=torch.float32)  # past the threshold, odd size
+    tensors = {"small": torch.randn(7, 5).to(torch.bfloat16), "big": big, "after": torch.arange(10.0)}
+    save_file(tensors, str(path))
+    before = path.read_bytes()
+    reader = SafetensorsReader.from_file(path)
+    for name, expected in tensors.items():
+        got = reader.get(name)
+        assert got.dtype == expected.dtype and torch.equal(got, expected), name
+    mapped = reader.get("big")
+    mapped.mul_(0).add_(1)  # the caller owns it: copy on write
+    assert path.read_bytes() == before
+    assert torch.equal(reader.get("big"), big)
+    reader.close()
+    assert float(mapped.sum()) == mapped.numel()  # the mapping outlives the reader's file handles
+
+
+def test_a_file_cut_after_opening_is_one_line(tmp_path):
+    from mergekit_core.io.readers import MAP_MIN_BYTES
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(8), "big": torch.zeros(MAP_MIN_BYTES // 2)}, str(path))
+    reader = SafetensorsReader.from_file(path)
+    with path.open("r+b") as f:  # another process truncates the file under the merge
+        f.truncate(path.stat().st_size - 1000)
+    with pytest.raises(FormatError, match=r"w.safetensors: cannot read tensor 'big' \(unexpected end of file"):
+        reader.get("big")
+
+
+def test_background_writes_keep_order_and_report_the_sink_error(tmp_path):
+    from mergekit_core.engine.stream import _BackgroundSink
+
+    seen = []
+
+    def sink(name, tensor):
+        if name == "bad":
+            raise OSError("disk full")
+        seen.append((name, float(tensor.sum())))
+
+    writer = _BackgroundSink(sink)
+    for i in range(5):
+        writer(f"t{i}", torch.full((3,), float(i)))
+    writer.drain()
+    assert seen == [(f"t{i}", 3.0 * i) for i in range(5)]
+    writer("bad", torch.zeros(1))
+    with pytest.raises(OSError, match="disk full"):
+        writer("next", torch.zeros(1))
+    writer.close()
+    assert [n for n, _ in seen] == [f"t{i}" for i in range(5)]

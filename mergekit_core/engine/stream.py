@@ -7,7 +7,7 @@ model. Output goes to a :class:`StreamingSafetensorsWriter`, or into a dict for 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -111,14 +111,56 @@ def finite_by_norms(merged: Merged, computed: torch.dtype, written: torch.dtype)
             and torch.finfo(written).max > bound)
 
 
+class _BackgroundSink:
+    """Calls ``sink`` on one writer thread, at most one call in flight: the write (and hash) of
+    this tensor overlaps the merge of the next; costs one output tensor of memory. An error in the
+    sink is raised at the next call or at :meth:`drain`."""
+
+    def __init__(self, sink: Callable[[str, torch.Tensor], None]) -> None:
+        self.sink = sink
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mk-write")
+        self.pending: Future[None] | None = None
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        self.drain()
+        self.pending = self.pool.submit(self.sink, name, tensor)
+
+    def drain(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the write in flight (without raising its error twice) and stop the thread."""
+        if self.pending is not None:
+            wait([self.pending])
+        self.pool.shutdown()
+
+
 def stream_merge(
     merger: TensorMerger,
     sink: Callable[[str, torch.Tensor], None],
     planned: list[TensorInfo],
     progress: Progress | None = None,
+    *,
+    background_writes: bool = False,
 ) -> StreamReport:
     """Merge every planned tensor and hand it, cast to its planned dtype (``output_infos``), to
-    ``sink`` in plan order."""
+    ``sink`` in plan order; with ``background_writes``, on a writer thread (one tensor in flight:
+    the sink must not keep the tensor's memory shared with later work, as file writers do not)."""
+    if not background_writes:
+        return _stream(merger, sink, planned, progress)
+    writer = _BackgroundSink(sink)
+    try:
+        report = _stream(merger, writer, planned, progress)
+        writer.drain()
+    finally:
+        writer.close()
+    return report
+
+
+def _stream(merger: TensorMerger, sink: Callable[[str, torch.Tensor], None], planned: list[TensorInfo],
+            progress: Progress | None) -> StreamReport:
     report = StreamReport()
     todo = [t for t in merger.plan.tensors if t.action != "drop"]
     report.dropped = len(merger.plan.tensors) - len(todo)

@@ -70,7 +70,7 @@ def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_pat
         planned = output_infos(merger, spec.output.dtype)
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes=spec.output.shard_bytes, metadata=header)
         try:
-            report = stream_merge(merger, writer.write, planned, progress)
+            report = stream_merge(merger, writer.write, planned, progress, background_writes=True)
             hashes = writer.close()
         finally:
             writer.abort()

@@ -7,6 +7,7 @@ safetensors). Torch pickles are loaded only with ``torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import reprlib
 from pathlib import Path
@@ -106,6 +107,45 @@ class CheckpointReader:
         self.close()
 
 
+MAP_MIN_BYTES = 1 << 20
+"""Smaller tensors are read with ``pread`` (a mapping costs more than copying them)."""
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11 lacks the name
+
+
+def _mapped(fd: int, begin: int, nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` at ``begin`` as a private mapping (uint8), populated now; None where the file
+    cannot be mapped. OSError when the file is shorter than that."""
+    import torch
+
+    start = begin - begin % mmap.ALLOCATIONGRANULARITY
+    if begin + nbytes > os.fstat(fd).st_size:
+        raise OSError(f"unexpected end of file: {begin + nbytes} bytes needed, {os.fstat(fd).st_size} present")
+    try:
+        mapped = mmap.mmap(fd, nbytes + begin - start, offset=start, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError):
+        return None
+    if hasattr(mapped, "madvise"):
+        try:
+            mapped.madvise(_MADV_POPULATE_READ)
+        except OSError:  # an older kernel: start the read-ahead at least
+            mapped.madvise(mmap.MADV_WILLNEED)
+    return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=begin - start)
+
+
+def _pread(fd: int, begin: int, nbytes: int) -> torch.Tensor:
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], begin + got)
+        if n <= 0:
+            raise OSError(f"unexpected end of file after {got} of {nbytes} bytes")
+        got += n
+    return buf
+
+
 class SafetensorsReader(CheckpointReader):
     """One or several safetensors files; the tensor -> file map comes from the index when sharded."""
 
@@ -162,11 +202,15 @@ class SafetensorsReader(CheckpointReader):
         return [h.path for h in self.headers] + extra
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor with ``pread`` into memory this call owns.
+        """One tensor, memory-mapped privately: the caller may modify it in place (copy on write,
+        the file never changes), and the mapping lives as long as the tensor.
 
-        Reading instead of memory-mapping keeps the file's pages out of this process's resident
-        set (they stay in the page cache), so peak RSS is bounded by the tensors in flight and
-        not by the files open, and the caller may modify the tensor in place.
+        The pages are populated on the calling thread (``MADV_POPULATE_READ``), so a reader
+        thread does the disk's work while another computes, and reading a cached file copies
+        nothing (``pread`` into fresh memory cost a page fault, a zeroed page and a copy per 4 KiB:
+        ``benchmarks/merge_speed.py``). Only the tensors in flight are resident, as before. Where
+        mapping fails (a file system without mmap, the process's map count at its limit) and for
+        tensors under ``MAP_MIN_BYTES``, the tensor is read with ``pread``.
         """
         import torch
 
@@ -177,19 +221,14 @@ class SafetensorsReader(CheckpointReader):
             raise FormatError(f"{self.path}: has no tensor {name!r}")
         info = header.tensors[name]
         begin = header.data_start + header.offsets[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
         try:
             fd = self._handles.get(header.path)
             if fd is None:
                 fd = os.open(header.path, os.O_RDONLY)
                 self._handles[header.path] = fd
-            view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
-            got = 0
-            while got < info.nbytes:
-                n = os.preadv(fd, [view[got:]], begin + got)
-                if n <= 0:
-                    raise OSError(f"unexpected end of file after {got} of {info.nbytes} bytes")
-                got += n
+            buf = _mapped(fd, begin, info.nbytes) if info.nbytes >= MAP_MIN_BYTES else None
+            if buf is None:
+                buf = _pread(fd, begin, info.nbytes)
         except OSError as exc:
             raise FormatError(f"{header.path}: cannot read tensor {name!r} ({exc})") from None
         try:
