@@ -212,7 +212,6 @@ class SafetensorsReader(CheckpointReader):
         mapping fails (a file system without mmap, the process's map count at its limit) and for
         tensors under ``MAP_MIN_BYTES``, the tensor is read with ``pread``.
         """
-        import torch
 
         from mergekit_core.io.dtypes import torch_dtype
 
