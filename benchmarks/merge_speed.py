@@ -24,10 +24,13 @@ of ``--repeats``:
 
 - ``floor``: read every input file once and write (and flush) the output's bytes: the I/O floor;
 - ``ideal-<method>``: ../shared/bench/ideal_merge.py (the plain torch loop, mergekit's formulas);
-- ``mk-<method>`` (this tree) and, with ``--head DIR`` (a copy of an earlier tree's
-  ``mergekit_core`` and ``mk_ties``, e.g. from ``git archive``), ``head-<method>``: the same code
-  before a change, in the same run;
-- ``mergekit-<method>`` with ``--peer``: mergekit's ``mergekit-yaml`` on the same inputs.
+- ``suite-<method>``: ``mk merge`` of this tree in a fresh process, and, with ``--head DIR`` (a
+  copy of an earlier tree's ``mergekit_core`` and ``mk_ties``, e.g. from ``git archive``),
+  ``head-<method>``: the same command before a change, in the same run;
+- ``ideal-<method>-passive`` with ``--passive-loop``: the loop with ``OMP_WAIT_POLICY=PASSIVE``,
+  the OpenMP setting ``mk`` chooses for itself;
+- ``mergekit-<method>`` with ``--peer``: mergekit's ``mergekit-yaml`` on the same inputs
+  (``--peer-repeats N``: in the first N repetitions only; its TIES takes minutes).
 
 TIES is timed with mergekit's conventions on both sides (k = 20% per tensor, weighted election,
 weighted mean), DARE-TIES with density 0.2, L1 rescale and a plain sum; ``ties_model`` is mk's
@@ -161,6 +164,18 @@ SUITE_PARAMS = {
 """The suite's mk settings: mergekit's conventions, as ideal_merge.py and mergekit compute them."""
 
 
+def run_mk_cli(pool: Path, out: Path, method: str) -> None:
+    """``mk merge CONFIG`` in a fresh process: what a user runs (its startup and settings included)."""
+    sources = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
+    name, params = SUITE_PARAMS[method]
+    data = {"sources": sources, "base_model": str(pool / "base"), "method": name, "method_params": params,
+            "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
+    config = out.parent / "mk.yaml"  # JSON text: YAML reads it
+    config.write_text(json.dumps(data))
+    subprocess.run([str(Path(sys.executable).parent / "mk"), "merge", str(config), "--force"],
+                   check=True, capture_output=True)
+
+
 def run_mk(pool: Path, out: Path, method: str, suite: bool = False) -> None:
     from mergekit_core.config import MergeConfig
     from mergekit_core.engine import run_merge
@@ -241,11 +256,11 @@ def child(kind: str, pool: Path, out: Path) -> None:
     elif kind == "floor":
         run_floor(pool, out)
     elif kind.startswith("ideal-"):
-        run_ideal(pool, out, kind.removeprefix("ideal-"))
+        run_ideal(pool, out, kind.removeprefix("ideal-").removesuffix("-passive"))
     elif kind.startswith("mergekit-"):
         run_mergekit(pool, out, kind.removeprefix("mergekit-"))
     elif kind.startswith(("suite-", "head-")):
-        run_mk(pool, out, kind.split("-", 1)[1], suite=True)
+        run_mk_cli(pool, out, kind.split("-", 1)[1])
     else:
         run_mk(pool, out, kind.removeprefix("mk-"))
     wall = time.perf_counter() - start
@@ -257,6 +272,8 @@ def child(kind: str, pool: Path, out: Path) -> None:
 
 def measure(kind: str, pool: Path, scratch: Path, head: str | None = None) -> dict:
     env = dict(os.environ)
+    if kind.endswith("-passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     if kind.startswith("head-"):  # the earlier tree's packages first on the path
         env["PYTHONPATH"] = head + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, __file__, "--child", kind, "--child-pool", str(pool), "--scratch", str(scratch)],
@@ -322,6 +339,10 @@ def main() -> None:
     parser.add_argument("--pool", dest="suite_pool", help="with --suite: a base/ and ft*/ pool (make_models.py)")
     parser.add_argument("--head", help="with --suite: a folder holding an earlier mergekit_core and mk_ties")
     parser.add_argument("--peer", action="store_true", help="with --suite: also time mergekit-yaml")
+    parser.add_argument("--peer-repeats", type=int, default=0,
+                        help="with --peer: run mergekit in the first N repetitions only (0: all)")
+    parser.add_argument("--passive-loop", action="store_true",
+                        help="with --suite: also time ideal_merge.py with OMP_WAIT_POLICY=PASSIVE (what mk sets)")
     parser.add_argument("--child")
     parser.add_argument("--child-pool", dest="pool")
     parser.add_argument("--scratch")
@@ -332,7 +353,8 @@ def main() -> None:
     data = Path(args.data)
     if args.suite:
         methods = tuple(m for m in args.methods.split(",") if m in ("task_arithmetic", "ties", "dare_ties"))
-        suite(Path(args.suite_pool), data / "scratch", args.repeats, args.head, args.peer, args.json, methods)
+        suite(Path(args.suite_pool), data / "scratch", args.repeats, args.head, args.peer, args.json, methods,
+              peer_repeats=args.peer_repeats, passive_loop=args.passive_loop)
         return
     results = {"help_seconds": help_time(), "selection": selection_time(), "sizes": {}}
     for size in [float(s) for s in args.sizes.split(",")]:
@@ -365,6 +387,7 @@ def main() -> None:
 SUITE_RATIOS = [  # (row, compared with): the issue's targets
     ("suite-task_arithmetic", "floor"), ("suite-task_arithmetic", "ideal-task_arithmetic"),
     ("suite-ties", "ideal-ties"), ("suite-dare_ties", "ideal-dare_ties"), ("suite-ties_model", "suite-ties"),
+    ("suite-ties", "ideal-ties-passive"), ("suite-dare_ties", "ideal-dare_ties-passive"),
     ("suite-ties", "head-ties"), ("suite-ties_model", "head-ties_model"), ("suite-dare_ties", "head-dare_ties"),
     ("suite-task_arithmetic", "head-task_arithmetic"),
     ("suite-task_arithmetic", "mergekit-task_arithmetic"), ("suite-ties", "mergekit-ties"),
@@ -373,12 +396,16 @@ SUITE_RATIOS = [  # (row, compared with): the issue's targets
 
 
 def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool, json_path: str | None,
-          methods: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties")) -> None:
+          methods: tuple[str, ...] = ("task_arithmetic", "ties", "dare_ties"), *, peer_repeats: int = 0,
+          passive_loop: bool = False) -> None:
     """Every contender once per repetition, in turn; medians, and the ratios of ``SUITE_RATIOS``
-    (time of the row / time of the one it is compared with: below 1 is faster)."""
+    (time of the row / time of the one it is compared with: below 1 is faster). mk runs as
+    ``mk merge`` in a fresh process, as the loop and mergekit do."""
     kinds = ["floor"]
     for method in methods:
         kinds.append(f"ideal-{method}")
+        if passive_loop and method != "task_arithmetic":
+            kinds.append(f"ideal-{method}-passive")
         kinds.append(f"suite-{method}")
         if head:
             kinds.append(f"head-{method}")
@@ -390,6 +417,8 @@ def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool,
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for r in range(repeats):
         for kind in kinds:
+            if kind.startswith("mergekit-") and peer_repeats and r >= peer_repeats:
+                continue
             runs[kind].append(measure(kind, pool, scratch, head))
             print(f"repeat {r + 1}: {kind} {runs[kind][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
     nbytes = input_bytes(pool)

@@ -1,5 +1,5 @@
-"""The fused linear path skips its pass over the written tensor only where its sums of squares
-prove every value finite."""
+"""A merge skips its pass over the written tensor only where its sums of squares prove every
+value finite (the fused linear path and the method path)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def test_float16_outputs_and_non_finite_norms_are_still_checked():
     merged = Merged(torch.zeros(1), delta_sq=1.0, base_sq=1.0)
     assert not finite_by_norms(merged, torch.float32, torch.float16)  # 7e4 overflows float16
     assert not finite_by_norms(merged, torch.float64, torch.bfloat16)  # float64 squares bound less
+    assert not finite_by_norms(Merged(torch.zeros(1), 0.0, 0.0, normed=False), torch.float32, torch.bfloat16)
     for bad in (math.inf, math.nan):
         assert not finite_by_norms(Merged(torch.zeros(1), delta_sq=bad, base_sq=1.0), torch.float32, torch.bfloat16)
         assert not finite_by_norms(Merged(torch.zeros(1), delta_sq=1.0, base_sq=bad), torch.float32, torch.bfloat16)

@@ -66,6 +66,9 @@ class Merged:
     flushed: int = 0
     """Values that were not 0 before the cast to the output dtype and are 0 after it (too small
     for it); counted by the fused path, which keeps no copy in the compute dtype."""
+    normed: bool = True
+    """``delta_sq`` and ``base_sq`` are the sums of squares of the merged delta and of the base
+    (False where the tensor has no base and they are left 0)."""
 
 
 class TensorMerger:
@@ -355,7 +358,7 @@ class TensorMerger:
                 raise MergeError(message, hint="check the sources, or pass --allow-nonfinite to write it anyway")
             self.warn(message)
         if base is None:
-            return Merged(out, 0.0, 0.0)
+            return Merged(out, 0.0, 0.0, normed=False)
         base_flat = base.reshape(-1)
         base_sq = float(torch.dot(base_flat, base_flat)) if base_flat.numel() else 0.0
         if weights_space:

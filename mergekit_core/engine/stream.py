@@ -95,19 +95,20 @@ def _nonfinite_output(merger: TensorMerger, t: TensorPlan, loaded: Any, out: tor
 
 
 def finite_by_norms(merged: Merged, computed: torch.dtype, written: torch.dtype) -> bool:
-    """Whether the fused path's sums of squares already prove the written tensor finite.
+    """Whether the merge's sums of squares (``Merged.delta_sq``, ``base_sq``) already prove the
+    written tensor finite.
 
     Finite sums (of float32 squares, chunk by chunk) bound every |base| and |delta| by the square
     root of the compute dtype's largest value, so |base + delta| is below twice that: finite in any
     output dtype whose largest value is above it (bfloat16 and float32 from float32; not float16).
-    Saves a pass over every written tensor.
+    Saves a pass over every written tensor, on the fused path and the method path alike.
     """
     import math
 
     import torch
 
     bound = 2 * math.sqrt(torch.finfo(computed).max)
-    return (math.isfinite(merged.delta_sq) and math.isfinite(merged.base_sq) and written.is_floating_point
+    return (merged.normed and math.isfinite(merged.delta_sq) and math.isfinite(merged.base_sq) and written.is_floating_point
             and torch.finfo(written).max > bound)
 
 
@@ -182,7 +183,7 @@ def _stream(merger: TensorMerger, sink: Callable[[str, torch.Tensor], None], pla
                 flushed_to_zero(computed, out) if loses_small_values(computed.dtype, out.dtype) else 0)
             if flushed:
                 report.flushed[t.name] = flushed
-            bad = 0 if computed is None and finite_by_norms(merged, merger.dtype, target) else (
+            bad = 0 if finite_by_norms(merged, merger.dtype, target) else (
                 _nonfinite_output(merger, t, loaded, out, computed))
             if bad:
                 report.nonfinite[t.name] = bad

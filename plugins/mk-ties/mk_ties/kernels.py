@@ -180,15 +180,26 @@ def weighted_sum(flats: Sequence[torch.Tensor], coefficients: Sequence[float],
 
 
 def dare(x: torch.Tensor, p: float, rescale: str, generator: torch.Generator) -> torch.Tensor:
-    """Drop each entry with probability ``p``; rescale the rest by 1/(1-p) or to the same L1 norm."""
+    """Drop each entry with probability ``p``; rescale the rest by 1/(1-p) or to the same L1 norm.
+
+    DARE (Yu et al. 2024, eq. 2): ``keep ~ Bernoulli(1 - p)``, drawn as ``uniform >= p`` on the
+    CPU (the same draws on every device). One scratch tensor holds the draws, then the 0/1 keep
+    factors, then the absolute values of both L1 sums: the result is the same, bit for bit, as
+    ``x * (rand >= p)`` with separate temporaries (``tests/test_fast_kernels.py``).
+    """
+    import torch
+
     if p == 0.0:
         return x.clone()
-    keep = (torch.rand(x.shape, generator=generator) >= p).to(x.device)  # the same draws on every device
-    out = x * keep
+    scratch = torch.rand(x.shape, generator=generator).ge_(p)  # 1.0 kept, 0.0 dropped (x * 0 keeps its sign)
+    out = x * scratch.to(x.device)
     if rescale == "inverse":
         return out.div_(1.0 - p)
     if rescale == "l1":
-        before, after = float(x.abs().sum()), float(out.abs().sum())
+        if scratch.device != x.device:
+            scratch = torch.empty_like(x)
+        before = float(torch.abs(x, out=scratch).sum())
+        after = float(torch.abs(out, out=scratch).sum())
         if before > 1e-7 and after > 1e-7:
             out.mul_(before / after)
     return out
