@@ -216,6 +216,14 @@ class PrepareContext:
         """Every tensor to merge, in plan order, as the method's ``merge`` will receive it."""
         raise NotImplementedError
 
+    def groups_of(self, names: set[str]) -> Iterator[TensorGroup]:
+        """The groups of the tensors ``names`` only, in plan order. The engine reads only their
+        sources (a second pass over a few tensors costs what they weigh); this default reads
+        every group and skips the others."""
+        for group in self.groups():
+            if group.name in names:
+                yield group
+
 
 class MergeMethod(Component):
     """Combines the sources of one tensor into one merged tensor.

@@ -88,3 +88,17 @@ def test_debug_shows_traceback_else_one_line():
 def test_host_is_not_global():
     a, b = fresh_host(), fresh_host()
     assert a.pm is not b.pm
+
+
+def test_mk_lets_idle_openmp_threads_sleep_unless_the_user_chose():
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from mergekit_core.cli import quiet_idle_threads; quiet_idle_threads(); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["PASSIVE", "False"]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "ACTIVE"

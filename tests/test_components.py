@@ -32,3 +32,14 @@ def test_a_float_parameter_takes_the_exponent_text_yaml_leaves_1e_3_as():
     for bad in ("fast", "1e", "nan"):
         with pytest.raises(ParameterError, match="must be float"):
             p.check("opt", bad)
+
+
+def test_prepare_context_groups_of_yields_only_the_named_tensors_in_order():
+    import torch
+
+    from mergekit_core import TensorGroup
+    from mergekit_core.testing import StaticPrepareContext
+
+    groups = [TensorGroup(n, None, torch.zeros(1), [torch.ones(1)], [1.0]) for n in ("a", "b", "c", "d")]
+    context = StaticPrepareContext(groups)
+    assert [g.name for g in context.groups_of({"d", "b", "x"})] == ["b", "d"]

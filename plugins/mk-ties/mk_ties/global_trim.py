@@ -14,7 +14,6 @@ so exactly k% of the entries survive.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -67,18 +66,6 @@ WINDOW = 6
 
 KEEP_BYTES = 1 << 30
 """At most this many bytes of windowed values are kept in pass 1; tensors past it are re-read."""
-
-
-def _groups_of(context: PrepareContext, names: set[str]) -> Any:
-    """The groups of the tensors ``names``: only those are read where the context can (the
-    engine's ``groups_of``), else every group is read and the others skipped."""
-    only = getattr(context, "groups_of", None)
-    if only is not None:
-        yield from only(names)
-        return
-    for group in context.groups():
-        if group.name in names:
-            yield group
 
 
 def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
@@ -149,7 +136,7 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
                 reread.add(name)
         src.windows.clear()
     if reread:
-        for group in _groups_of(context, reread):
+        for group in context.groups_of(reread):
             for i, x in enumerate(group.tensors):
                 if plans[i] is None or group.name in members[i] or not stats[i].count_in(group.name, plans[i][0]):
                     continue
