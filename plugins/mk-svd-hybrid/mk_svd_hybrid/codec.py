@@ -3,13 +3,14 @@
 A record is a dict of small tensors (stored in the artifact) plus a JSON-able ``meta``.
 Matrices (2-D, or N-D viewed as [shape[0], -1]) are split by the combined mask M into a signal
 region, coded with one shared SVD basis per cluster of tasks (fp16 coefficients for the leading
-components, quantized ones for the rest), and a noise region with its own treatment. Vectors
-(0-D and 1-D tensors) keep each task's values in fp16 and are averaged when merged.
+components, quantized ones for the rest), and a noise region with its own treatment; they are
+encoded in column blocks (:mod:`mk_svd_hybrid.blocks`). Vectors (0-D and 1-D tensors) keep each
+task's values in fp16 and are averaged when merged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,15 +18,25 @@ import torch
 
 from mergekit_core import MergeError
 from mk_svd_hybrid import masks as masklib
+from mk_svd_hybrid.blocks import MatrixBlocks, as_matrix, noise_slots, packed_masks
 from mk_svd_hybrid.quantize import (
     Quantized,
     dequantize_stages,
     pack_codes,
     residual_quantize,
     rtvq,
+    stage_codes,
+    stage_scale,
+    stage_values,
     unpack_codes,
 )
-from mk_svd_hybrid.rank import energy_rank, shared_basis
+from mk_svd_hybrid.rank import (
+    Basis,
+    add_gram,
+    basis_from_gram,
+    energy_rank,
+    shared_basis,
+)
 
 SEP = "::"
 
@@ -50,6 +61,8 @@ class CodecSettings:
     keep_task_masks: bool = True
     clusters: tuple[tuple[int, ...], ...] = ()
     """Task indices of each cluster; one basis per cluster."""
+    block_mb: float = 256.0
+    """Working memory of one column block (MiB); see :mod:`mk_svd_hybrid.blocks`."""
 
 
 @dataclass
@@ -116,16 +129,6 @@ def matrix_view(shape: Sequence[int]) -> tuple[int, int, bool]:
     return (n, m, True) if m > n else (m, n, False)
 
 
-def _as_matrix(x: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """The [rows, cols] view of ``x`` ([d0, ...] as [d0, prod(...)]); explicit sizes, so that a
-    tensor with a zero dimension has a definite view (``reshape(d0, -1)`` is ambiguous there)."""
-    inner = 1
-    for d in x.shape[1:]:
-        inner *= d
-    x2 = x.reshape(x.shape[0], inner)
-    return x2.T if transposed else x2
-
-
 def _half(x: torch.Tensor, name: str, what: str) -> torch.Tensor:
     """``x`` in float16, the artifact's storage dtype; values beyond its range are an error that
     says so (a silent cast would store Inf and rebuild NaN)."""
@@ -142,6 +145,11 @@ def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torc
            seed: int = 0, name: str = "") -> Record:
     """Compress one tensor's task vectors (one per task, same shape); ``name`` is for errors.
 
+    Works in column blocks of about ``s.block_mb`` MiB (see :mod:`mk_svd_hybrid.blocks`): beyond
+    ``deltas`` and the record it builds, memory holds one block's temporaries, the rows x rows
+    Gram matrix, the coefficients (float32, k x cols per task) before they are quantized, and
+    the noise codes unpacked (a byte per noise entry, task and stage) before they are packed.
+
     Raises:
         MergeError: a stored value (a 1-D task vector, a coefficient, a noise mean) is beyond
             float16's range.
@@ -154,45 +162,135 @@ def encode(deltas: Sequence[torch.Tensor], s: CodecSettings, *, task_masks: torc
         return record
     rows, cols, transposed = matrix_view(shape)
     record.meta.update(kind="matrix", transposed=transposed, rows=rows, cols=cols)
-    if task_masks is None and s.mask == "tall":
-        task_masks = masklib.tall_masks(deltas, s.mask_lambdas or [0.4] * len(deltas))
-    if task_masks is not None:
-        combined = masklib.combine(task_masks, s.mask_strategy)
-        record.tensors["mask"] = masklib.pack(combined)
-        if s.keep_task_masks:
-            record.tensors["task_masks"] = torch.stack([masklib.pack(m) for m in task_masks])
-        signal = _as_matrix(combined, transposed)
-    else:
-        signal = None
-    record.meta["signal_fraction"] = 1.0 if signal is None or not signal.numel() else float(signal.float().mean())
-    mats = [_as_matrix(d.float(), transposed) for d in deltas]
-    signals = [m * signal if signal is not None else m for m in mats]
+    view = MatrixBlocks(deltas, shape, rows, cols, transposed, s.block_mb)
+    fraction, all_signal = 1.0, True
+    if task_masks is not None or s.mask == "tall":
+        packed, task_bits, count, whole = packed_masks(deltas, s.mask_lambdas or [0.4] * len(deltas),
+                                                       s.mask_strategy, task_masks, s.keep_task_masks, s.block_mb)
+        view.packed_mask = packed
+        view.noise_entries = rows * cols - count
+        record.tensors["mask"] = torch.from_numpy(packed)
+        if task_bits is not None:
+            record.tensors["task_masks"] = torch.from_numpy(task_bits)
+        numel = rows * cols
+        if whole is not None:  # the whole tensor's mask: its float32 mean, as ever
+            fraction = float(as_matrix(whole.reshape(shape), transposed).float().mean())
+        elif numel:
+            fraction = count / numel
+        all_signal = count == numel
+    record.meta["signal_fraction"] = fraction
     clusters = s.clusters or (tuple(range(len(deltas))),)
     record.meta["clusters"] = []
     for c, members in enumerate(clusters):
-        basis = shared_basis([signals[t] for t in members], s.energy, max_rank=s.max_rank,
-                             randomized=s.svd == "randomized", oversample_rank=s.oversample_rank,
-                             niter=s.svd_niter, seed=seed + c)
+        basis = _cluster_basis(view, members, s, seed + c)
         u16 = basis.vectors.half()
         k = u16.shape[1]
         k_high = min(k, energy_rank(basis.sq_singular.sqrt(), s.fp16_energy, basis.total_energy)) if k else 0
         record.tensors[f"basis.{c}"] = u16
-        u = u16.float()
-        coef = torch.stack([u.T @ signals[t] for t in members]) if k else torch.zeros(len(members), 0, cols)
+        coef = _coefficients(view, members, u16.float())
         record.tensors[f"high.{c}"] = _half(coef[:, :k_high], name, "SVD coefficients").contiguous()
         if k > k_high:
             _quantize_tasks(record, f"low.{c}", coef[:, k_high:], s, s.quant)
         record.meta["clusters"].append({"tasks": list(members), "rank": k, "fp16_rank": k_high,
                                         "energy_kept": basis.energy_kept()})
-    record.meta["noise"] = s.noise if signal is not None and not bool(signal.all()) else "none"
-    if record.meta["noise"] != "none":
-        outside = ~signal
-        values = torch.stack([m[outside] for m in mats])  # [T, n_noise]
-        if s.noise == "mean":
-            record.tensors["noise.mean"] = _half(values.mean(0), name, "task vectors")
-        elif s.noise == "rtvq":
-            _quantize_tasks(record, "noise", values.unsqueeze(1), s, "rtvq")
+    record.meta["noise"] = s.noise if view.packed_mask is not None and not all_signal else "none"
+    if record.meta["noise"] == "mean":
+        _noise_mean(record, view, name)
+    elif record.meta["noise"] == "rtvq":
+        _noise_rtvq(record, view, s)
     return record
+
+
+def _cluster_basis(view: MatrixBlocks, members: Sequence[int], s: CodecSettings, seed: int) -> Basis:
+    """The shared basis of one cluster's masked task vectors: exact from the Gram matrix summed
+    over column blocks; randomized (``torch.svd_lowrank``) on the whole matrix."""
+    if s.svd == "randomized" and min(view.rows, s.oversample_rank) < view.rows:
+        signal = view.signal(0, view.cols)
+        return shared_basis([view.signal_values(t, 0, view.cols, signal) for t in members], s.energy,
+                            max_rank=s.max_rank, randomized=True, oversample_rank=s.oversample_rank,
+                            niter=s.svd_niter, seed=seed)
+    gram = torch.zeros(view.rows, view.rows, dtype=torch.float64)
+    energy = [0.0] * len(members)
+    for c0, c1 in view.spans():
+        signal = view.signal(c0, c1)
+        xs = [view.signal_values(t, c0, c1, signal) for t in members]
+        for i, x in enumerate(xs):
+            energy[i] += float(torch.sum(x.double() ** 2))
+        if view.whole:  # one product per task, as the whole-tensor encoder summed them
+            for x in xs:
+                add_gram(gram, x)
+        else:  # the block's tasks side by side: one product, one float64 sum per block
+            add_gram(gram, torch.cat(xs, dim=1))
+    return basis_from_gram(gram, float(sum(energy)), s.energy, max_rank=s.max_rank)
+
+
+def _coefficients(view: MatrixBlocks, members: Sequence[int], u: torch.Tensor) -> torch.Tensor:
+    """U^T S_t for each task of the cluster: float32 [T_c, k, cols]."""
+    k = u.shape[1]
+    if not k:
+        return torch.zeros(len(members), 0, view.cols)
+    coef = torch.empty(len(members), k, view.cols)
+    for c0, c1 in view.spans():
+        signal = view.signal(c0, c1)
+        for i, t in enumerate(members):
+            coef[i, :, c0:c1] = u.T @ view.signal_values(t, c0, c1, signal)
+    return coef
+
+
+def _noise_values(view: MatrixBlocks, c0: int, c1: int, outside: torch.Tensor) -> torch.Tensor:
+    return torch.stack([m[:, c0:c1].float()[outside] for m in view.mats])  # [T, n_block]
+
+
+def _noise_mean(record: Record, view: MatrixBlocks, name: str) -> None:
+    mean = torch.empty(view.noise_entries, dtype=torch.float16)
+    for c0, c1, outside, slots in noise_slots(view):
+        mean[slots] = _half(_noise_values(view, c0, c1, outside).mean(0), name, "task vectors")
+    record.tensors["noise.mean"] = mean
+
+
+def _noise_rtvq(record: Record, view: MatrixBlocks, s: CodecSettings) -> None:
+    """RTVQ of the noise values x [T, 1, n] (see :func:`quantize.rtvq`), block by block: each
+    stage's per-row minimum and maximum in one pass over the blocks, then every code in a last
+    pass. Entrywise and min/max only, so the codes are the whole-tensor ones bit for bit."""
+    num_tasks = len(view.mats)
+    n = view.noise_entries
+    bits = [s.base_bits] + [s.offset_bits] * s.stages
+    scales: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def stages(x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The input of each stage (mean, offsets, residuals) for a block's values [T, 1, nb]."""
+        current = x.mean(0)
+        for j in range(len(bits)):
+            yield current
+            if j >= len(scales) or j + 1 == len(bits):
+                return
+            step, zero = scales[j]
+            values = stage_values(stage_codes(current, step, zero, bits[j]), step, zero)
+            current = x - values.unsqueeze(0) if j == 0 else current - values
+
+    def blocks() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(slots, values [T, 1, nb]) of each block with noise entries."""
+        for c0, c1, outside, slots in noise_slots(view):
+            if slots.numel():
+                yield slots, _noise_values(view, c0, c1, outside).unsqueeze(1)
+
+    gathered = list(blocks()) if view.whole else None  # within the budget: gather once
+    for j in range(len(bits)):  # one pass per stage: its rows' ranges
+        rows_shape = (1,) if j == 0 else (num_tasks, 1)
+        lo = torch.full(rows_shape, torch.inf)
+        hi = torch.full(rows_shape, -torch.inf)
+        for _, x in gathered if gathered is not None else blocks():
+            *_, current = stages(x)
+            lo, hi = torch.minimum(lo, current.amin(-1)), torch.maximum(hi, current.amax(-1))
+        scales.append(stage_scale(lo, hi, bits[j]))
+    codes = [torch.empty(1, n, dtype=torch.uint8)] + [torch.empty(num_tasks, 1, n, dtype=torch.uint8)
+                                                      for _ in range(s.stages)]
+    for slots, x in gathered if gathered is not None else blocks():
+        for j, current in enumerate(stages(x)):
+            codes[j][..., slots] = stage_codes(current, *scales[j], bits[j])
+    quantized = [Quantized(c, step, zero.to(torch.uint8), b) for c, (step, zero), b in zip(codes, scales, bits)]
+    _store_stages(record, "noise.base", quantized[:1])
+    _store_stages(record, "noise.offset", quantized[1:])
 
 
 # --------------------------------------------------------------------------- decoding
@@ -220,7 +318,7 @@ class Decoder:
             return None
         if self._signal is None:
             full = masklib.unpack(self.record.tensors["mask"], self.shape)
-            self._signal = _as_matrix(full, self.meta["transposed"])
+            self._signal = as_matrix(full, self.meta["transposed"])
         return self._signal
 
     def coefficients(self, c: int) -> torch.Tensor:

@@ -15,7 +15,12 @@ STRATEGIES = ("union", "intersection", "majority")
 
 def tall_masks(deltas: Sequence[torch.Tensor], lambdas: Sequence[float]) -> torch.Tensor:
     """Per-task masks, stacked: bool ``[T, *shape]``."""
-    stacked = torch.stack([d.float() for d in deltas])
+    return tall_masks_stacked(torch.stack([d.float() for d in deltas]), lambdas)
+
+
+def tall_masks_stacked(stacked: torch.Tensor, lambdas: Sequence[float]) -> torch.Tensor:
+    """:func:`tall_masks` of ``stacked`` (float32 ``[T, ...]``, any slice of the task vectors: the
+    masks are entrywise)."""
     total = stacked.sum(0)
     lam = torch.tensor(list(lambdas), dtype=torch.float32).reshape(-1, *([1] * total.dim()))
     return stacked.abs() > lam * (total.unsqueeze(0) - stacked).abs()

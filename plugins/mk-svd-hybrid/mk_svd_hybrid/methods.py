@@ -48,6 +48,8 @@ PARAMS = (
     Param("artifact_dir", None, help="also keep the artifact here (reconstruct it later without the sources)",
           type=str),
     Param("shard_mb", 1024, help="artifact shard size in MiB", type=int, min=1),
+    Param("block_mb", 256, help="working memory of one column block while a tensor is encoded, in MiB "
+          "(beyond its task vectors and its record)", type=float, min=1.0),
 )
 
 
@@ -74,16 +76,15 @@ class SvdHybrid(MergeMethod):
             raise ParameterError("merge method 'svd_hybrid': mask_lambda must be a number or a list of numbers")
 
     def prepare(self, context: PrepareContext, params: dict[str, Any]) -> Any:
-        """Compress every tensor into an artifact (a temporary one unless ``artifact_dir``); the
-        merge then rebuilds each tensor from it, exactly as ``mk svd-hybrid reconstruct`` does."""
-        from mk_svd_hybrid.session import open_artifact_session
+        """Decide the task weights (cluster weighting: one read of the sources for their Gram
+        matrix) and open the artifact when ``artifact_dir`` is set; ``merge`` then encodes each
+        tensor as the engine hands it over, so the merge reads the sources once."""
+        from mk_svd_hybrid.session import open_merge_session
 
-        return open_artifact_session(context, params)
+        return open_merge_session(context, params)
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> Any:
-        from mk_svd_hybrid.pipeline import merged_delta
-
-        return merged_delta(state.reader, group.name, group.coefficients, tuple(group.base.shape))
+        return state.merged_delta(group)
 
 
 METHODS = [SvdHybrid()]

@@ -1,7 +1,8 @@
-"""Compress the sources a merge would see into an artifact; rebuild models from an artifact.
+"""Compress the tensors a merge sees, one at a time; rebuild merged task vectors from a record.
 
-``compress`` reads the sources once (twice with ``weighting: cluster``: one pass for the tasks'
-cosine similarities, one to compress) and holds one tensor's task vectors at a time.
+:class:`Compressor` encodes each tensor group as it comes (the merge method's ``merge``, or
+``compress`` over one read of the sources; ``weighting: cluster`` adds one read for the tasks'
+cosine similarities) and holds one tensor's task vectors at a time.
 """
 
 from __future__ import annotations
@@ -15,10 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from mergekit_core import ConfigError, FormatError, MergeError, PrepareContext
+from mergekit_core import (
+    ConfigError,
+    FormatError,
+    MergeError,
+    PrepareContext,
+    TensorGroup,
+)
 from mergekit_core.api import DTYPE_SIZES
 from mk_svd_hybrid import weighting
-from mk_svd_hybrid.codec import CodecSettings, Decoder, encode
+from mk_svd_hybrid.codec import CodecSettings, Decoder, Record, encode
 from mk_svd_hybrid.diagnostics import Diagnostics
 from mk_svd_hybrid.store import ArtifactReader, ArtifactWriter, tensor_sha256
 
@@ -37,7 +44,7 @@ def settings(params: Mapping[str, Any], num_tasks: int, clusters: Sequence[Seque
         offset_bits=params["offset_bits"], stages=params["stages"], noise=params["noise"],
         mask="none" if params["mask"] == "none" else "tall", mask_lambdas=tuple(lambdas),
         mask_strategy=params["mask_strategy"], keep_task_masks=params["keep_task_masks"],
-        clusters=tuple(tuple(c) for c in clusters),
+        clusters=tuple(tuple(c) for c in clusters), block_mb=float(params.get("block_mb", 256)),
     )
 
 
@@ -148,76 +155,119 @@ def _itemsize(dtype: str) -> int:
     return DTYPE_SIZES.get(dtype, 4)
 
 
-def compress(context: PrepareContext, params: Mapping[str, Any], directory: Path,
-             progress: Progress | None = None) -> dict[str, Any]:
-    """Write the artifact of the merge ``context`` describes into ``directory``; return its manifest."""
-    plan = context.plan
-    if plan is not None:
-        tasks = [s.name for s in plan.sources]
-        if plan.base is None:
-            raise ConfigError("svd_hybrid works on task vectors: give base_model")
-    else:  # a bare PrepareContext (plugin tests): the groups name the sources
-        tasks = list(next(iter(context.groups())).source_names)
-    weights, labels, weight_info = task_weights(context, params, tasks)
-    clusters = [[t for t in range(len(tasks)) if labels[t] == c] for c in range(max(labels) + 1)]
-    codec = settings(params, len(tasks), clusters if len(clusters) > 1 else ())
-    masks = MaskFile(Path(params["mask_file"]), len(tasks)) if params["mask_file"] else None
-    dtypes = {t.name: t.dtype for t in plan.tensors} if plan is not None else {}
-    writer = ArtifactWriter(directory, int(params["shard_mb"] * 2**20))
-    diag = Diagnostics(tasks)
-    structure = hashlib.sha256()
-    started = time.perf_counter()
-    for group in context.groups():
+class Compressor:
+    """Encodes the tensor groups of one merge, one at a time, as the engine hands them over;
+    with a ``directory``, also appends each record (and its diagnostics) to an artifact there,
+    whose manifest :meth:`finish` writes after the last tensor.
+
+    Building it decides the task weights (``weighting: cluster`` reads the sources once here,
+    for the tasks' Gram matrix; ``accuracies: evaluate`` scores the sources).
+    """
+
+    def __init__(self, context: PrepareContext, params: Mapping[str, Any], directory: Path | None = None) -> None:
+        plan = context.plan
+        if plan is not None:
+            tasks = [s.name for s in plan.sources]
+            if plan.base is None:
+                raise ConfigError("svd_hybrid works on task vectors: give base_model")
+        else:  # a bare PrepareContext (plugin tests): the groups name the sources
+            tasks = list(next(iter(context.groups())).source_names)
+        self.params = params
+        self.plan = plan
+        self.tasks = tasks
+        self.weights, labels, self.weight_info = task_weights(context, params, tasks)
+        self.clusters = [[t for t in range(len(tasks)) if labels[t] == c] for c in range(max(labels) + 1)]
+        self.codec = settings(params, len(tasks), self.clusters if len(self.clusters) > 1 else ())
+        self.masks = MaskFile(Path(params["mask_file"]), len(tasks)) if params["mask_file"] else None
+        self.dtypes = {t.name: t.dtype for t in plan.tensors} if plan is not None else {}
+        self.writer = ArtifactWriter(directory, int(params["shard_mb"] * 2**20)) if directory is not None else None
+        self.diag = Diagnostics(tasks)
+        self.structure = hashlib.sha256()
+        self.started = time.perf_counter()
+        self.encoded: set[str] = set()
+
+    def add(self, group: TensorGroup) -> Record:
+        """The record of one tensor (appended to the artifact, when there is one)."""
+        tasks = self.tasks
         if group.base is None:
             raise MergeError(f"{group.name}: svd_hybrid needs the base model's tensor (it codes task vectors)")
         if len(group.tensors) != len(tasks):
             raise MergeError(f"{group.name}: only {len(group.tensors)} of {len(tasks)} sources have this tensor; "
                              "svd_hybrid codes every task", hint="use merge_mode: union (a missing tensor is a zero delta)")
-        given = masks.get(group.name, group.base.shape) if masks is not None and group.base.dim() >= 2 else None
+        base = group.base.cpu()
+        tensors = [x.cpu() for x in group.tensors]
+        given = self.masks.get(group.name, base.shape) if self.masks is not None and base.dim() >= 2 else None
         t0 = time.perf_counter()
-        record = encode(group.tensors, codec, task_masks=given, seed=group.seed, name=group.name)
+        record = encode(tensors, self.codec, task_masks=given, seed=group.seed, name=group.name)
         t1 = time.perf_counter()
+        record.meta["coefficients"] = [float(c) for c in group.coefficients]
+        self.encoded.add(group.name)
+        if self.writer is None:
+            return record
         decoder = Decoder(record)
         rebuilt = [decoder.task(t) for t in range(len(tasks))]
         t2 = time.perf_counter()
-        record.meta["coefficients"] = [float(c) for c in group.coefficients]
         coefficient_parts = {"fp16": torch.cat([record.tensors[k].reshape(-1) for k in record.tensors
                                                 if k.startswith("high.")] or [torch.zeros(0)])}
         if record.meta["kind"] == "matrix":
             quantized = [decoder.coefficients(c)[:, info["fp16_rank"]:].reshape(-1)
                          for c, info in enumerate(record.meta["clusters"]) if info["rank"] > info["fp16_rank"]]
             coefficient_parts["quantized"] = torch.cat(quantized) if quantized else torch.zeros(0)
-        diag.add(group.name, record, group.tensors, rebuilt, itemsize=_itemsize(dtypes.get(group.name, "F32")),
-                 compress_s=t1 - t0, reconstruct_s=t2 - t1, coefficients=coefficient_parts)
-        structure.update(f"{group.name}:{list(group.base.shape)};".encode())
-        writer.add(group.name, record, tensor_sha256(group.base))
+        self.diag.add(group.name, record, tensors, rebuilt,
+                      itemsize=_itemsize(self.dtypes.get(group.name, "F32")),
+                      compress_s=t1 - t0, reconstruct_s=t2 - t1, coefficients=coefficient_parts)
+        self.structure.update(f"{group.name}:{list(base.shape)};".encode())
+        self.writer.add(group.name, record, tensor_sha256(base))
+        return record
+
+    def finish(self) -> dict[str, Any]:
+        """Write the diagnostics and the manifest of the artifact; return the manifest."""
+        assert self.writer is not None
+        summary = self.diag.summary()
+        summary["overall"]["wall_s"] = round(time.perf_counter() - self.started, 3)
+        summary["weights"] = dict(zip(self.tasks, self.weights))
+        self.writer.add_json("diagnostics.json", summary)
+        plan = self.plan
+        header = {
+            "tasks": self.tasks, "weights": self.weights, "clusters": self.clusters,
+            "weighting": {"mode": self.params["weighting"], **self.weight_info},
+            "settings": {k: v for k, v in self.params.items() if k != "artifact_dir"},
+            "base_model": {"path": str(plan.spec.base_model) if plan is not None else None,
+                           "structure_sha256": self.structure.hexdigest()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        return self.writer.finish(header)
+
+    def merged_delta(self, record: Record, coefficients: Sequence[float]) -> torch.Tensor:
+        """The merged task vector of one record, as :func:`merged_delta` rebuilds it from the artifact."""
+        return combine_record(record, merge_weights(self.weights, coefficients), self.params)
+
+
+def compress(context: PrepareContext, params: Mapping[str, Any], directory: Path,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Write the artifact of the merge ``context`` describes into ``directory``; return its manifest."""
+    compressor = Compressor(context, params, directory)
+    for group in context.groups():
+        compressor.add(group)
         if progress is not None:
             progress(group.name)
-    summary = diag.summary()
-    summary["overall"]["wall_s"] = round(time.perf_counter() - started, 3)
-    summary["weights"] = dict(zip(tasks, weights))
-    writer.add_json("diagnostics.json", summary)
-    header = {
-        "tasks": tasks, "weights": weights, "clusters": clusters, "weighting": {"mode": params["weighting"],
-                                                                                 **weight_info},
-        "settings": {k: v for k, v in params.items() if k != "artifact_dir"},
-        "base_model": {"path": str(plan.spec.base_model) if plan is not None else None,
-                       "structure_sha256": structure.hexdigest()},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    return writer.finish(header)
+    return compressor.finish()
 
 
 # --------------------------------------------------------------------------- merged deltas
 
 
-def merge_weights(reader: ArtifactReader, coefficients: Sequence[float]) -> list[float]:
+def merge_weights(weights: Sequence[float], coefficients: Sequence[float]) -> list[float]:
     """lambda_t * w_t: the policy's coefficient times the task's weight."""
-    return [float(c) * w for c, w in zip(coefficients, reader.weights)]
+    return [float(c) * w for c, w in zip(coefficients, weights)]
+
+
+def combine_record(record: Record, weights: Sequence[float], params: Mapping[str, Any]) -> torch.Tensor:
+    return Decoder(record).combine(weights, params["signal_weight"], params["noise_weight"])
 
 
 def merged_delta(reader: ArtifactReader, name: str, coefficients: Sequence[float],
                  base_shape: Sequence[int] | None = None) -> torch.Tensor:
-    settings_ = reader.manifest["settings"]
-    decoder = reader.decoder(name, base_shape)
-    return decoder.combine(merge_weights(reader, coefficients), settings_["signal_weight"], settings_["noise_weight"])
+    """The merged task vector of tensor ``name``, rebuilt from an artifact."""
+    return combine_record(reader.record(name, base_shape), merge_weights(reader.weights, coefficients),
+                          reader.manifest["settings"])

@@ -34,17 +34,34 @@ class Quantized:
 
 def quantize(x: torch.Tensor, bits: int) -> Quantized:
     """One stage over the last dimension of ``x`` ([..., cols]): one step and zero per row."""
+    x = x.float()
+    lo = x.amin(-1) if x.shape[-1] else torch.zeros(x.shape[:-1])
+    hi = x.amax(-1) if x.shape[-1] else torch.zeros(x.shape[:-1])
+    step, zero = stage_scale(lo, hi, bits)
+    return Quantized(stage_codes(x, step, zero, bits), step, zero.to(torch.uint8), bits)
+
+
+def stage_scale(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, zero) of one stage from each row's minimum and maximum (float32 [...]); ``zero``
+    stays float32 here (integer-valued), as :func:`stage_codes` uses it."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be between 1 and 8, got {bits}")
     levels = 2**bits - 1
-    x = x.float()
-    lo = x.amin(-1).clamp_max(0.0) if x.shape[-1] else torch.zeros(x.shape[:-1])
-    hi = x.amax(-1).clamp_min(0.0) if x.shape[-1] else torch.zeros(x.shape[:-1])
-    step = (hi - lo) / levels
+    step = (hi.clamp_min(0.0) - lo.clamp_max(0.0)) / levels
     step = torch.where(step > 0, step, torch.ones_like(step))
-    zero = torch.round(-lo / step).clamp(0, levels)
-    codes = (torch.round(x / step.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, levels)
-    return Quantized(codes.to(torch.uint8), step, zero.to(torch.uint8), bits)
+    return step, torch.round(-lo.clamp_max(0.0) / step).clamp(0, levels)
+
+
+def stage_codes(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes of ``x`` ([..., cols], float32) with each row's ``step`` and ``zero``: the same
+    values whether ``x`` holds a whole row or a slice of it."""
+    levels = 2**bits - 1
+    return (torch.round(x / step.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, levels).to(torch.uint8)
+
+
+def stage_values(codes: torch.Tensor, step: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """What :meth:`Quantized.dequantize` gives, for a slice of a stage's codes."""
+    return step.unsqueeze(-1) * (codes.float() - zero.float().unsqueeze(-1))
 
 
 def residual_quantize(x: torch.Tensor, bits: int, stages: int) -> list[Quantized]:
@@ -72,13 +89,28 @@ def rtvq(x: torch.Tensor, base_bits: int, offset_bits: int, stages: int
     return base, offsets
 
 
+PACK_CHUNK = 1 << 20
+"""Codes packed or unpacked at a time (a multiple of 8: each chunk fills whole bytes), so the
+8-byte-per-code bit planes stay a few MiB whatever the tensor."""
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes below 2^bits -> ``bits`` bits each, little-endian, as a flat uint8 tensor."""
     flat = codes.reshape(-1).numpy()
-    planes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]
-    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+    out = np.empty((flat.size * bits + 7) // 8, dtype=np.uint8)
+    for start in range(0, flat.size, PACK_CHUNK):
+        part = flat[start:start + PACK_CHUNK]
+        planes = np.unpackbits(part[:, None], axis=1, bitorder="little")[:, :bits]
+        packed = np.packbits(planes.reshape(-1), bitorder="little")
+        out[start * bits // 8:start * bits // 8 + packed.size] = packed
+    return torch.from_numpy(out)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    planes = np.unpackbits(packed.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
-    return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little")[:, 0].copy())
+    data = packed.numpy()
+    out = np.empty(count, dtype=np.uint8)
+    for start in range(0, count, PACK_CHUNK):
+        n = min(PACK_CHUNK, count - start)
+        planes = np.unpackbits(data[start * bits // 8:], count=n * bits, bitorder="little").reshape(n, bits)
+        out[start:start + n] = np.packbits(planes, axis=1, bitorder="little")[:, 0]
+    return torch.from_numpy(out)

@@ -75,11 +75,29 @@ def shared_basis(matrices: Sequence[torch.Tensor], threshold: float, *, max_rank
     else:
         gram = torch.zeros(rows, rows, dtype=torch.float64)
         for x in matrices:
-            xf = x.float()
-            gram += (xf @ xf.T).double()
-        evals, evecs = torch.linalg.eigh(gram)
-        sq = evals.flip(0).clamp_min(0.0)
-        vectors = evecs.flip(1).float()
+            add_gram(gram, x)
+        return basis_from_gram(gram, total, threshold, max_rank=max_rank)
+    k = energy_rank(sq.sqrt(), threshold, total)
+    if max_rank > 0:
+        k = min(k, max_rank)
+    return Basis(vectors[:, :k].contiguous(), sq, total)
+
+
+def add_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram += x x^T`` (``x`` [rows, cols] or a column block of it; the product in float32,
+    accumulated in float64), so the Gram matrix can be summed over column blocks."""
+    xf = x.float()
+    gram += (xf @ xf.T).double()
+
+
+def basis_from_gram(gram: torch.Tensor, total: float, threshold: float, *, max_rank: int = 0) -> Basis:
+    """The exact shared basis from sum_t X_t X_t^T (float64 [rows, rows]) and the total energy
+    sum_t ||X_t||_F^2: its eigenvectors by decreasing eigenvalue (the squared singular values)."""
+    if total == 0.0:
+        return Basis(torch.zeros(gram.shape[0], 0), torch.zeros(0, dtype=torch.float64), 0.0)
+    evals, evecs = torch.linalg.eigh(gram)
+    sq = evals.flip(0).clamp_min(0.0)
+    vectors = evecs.flip(1).float()
     k = energy_rank(sq.sqrt(), threshold, total)
     if max_rank > 0:
         k = min(k, max_rank)

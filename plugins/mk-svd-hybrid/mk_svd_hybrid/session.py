@@ -1,33 +1,86 @@
-"""Where ``mk merge --method svd_hybrid`` keeps its artifact while it merges."""
+"""The state of ``mk merge --method svd_hybrid``: each tensor is encoded when the engine hands
+over its group, and merged from the record in memory; with ``artifact_dir``, the records are
+appended to an artifact written into a temporary sibling directory, which becomes
+``artifact_dir`` after the last tensor (and is removed if the merge stops before)."""
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import dataclass
+import weakref
 from pathlib import Path
 from typing import Any
 
-from mergekit_core import PrepareContext
+import torch
+
+from mergekit_core import PrepareContext, TensorGroup
 from mergekit_core.api import AtomicDirectory
-from mk_svd_hybrid.pipeline import compress
-from mk_svd_hybrid.store import ArtifactReader
+from mk_svd_hybrid.codec import Record
+from mk_svd_hybrid.pipeline import Compressor
 
 
-@dataclass
-class ArtifactSession:
-    reader: ArtifactReader
-    temporary: Any = None
-    """A TemporaryDirectory removed with the session (when no artifact_dir was asked for)."""
+class _Aborted(Exception):
+    """Handed to AtomicDirectory.__exit__ so it removes its temporary directory."""
 
 
-def open_artifact_session(context: PrepareContext, params: dict[str, Any]) -> ArtifactSession:
-    if params["artifact_dir"]:
-        dest = Path(params["artifact_dir"])
-        spec = context.plan.spec
-        inputs = ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
-        with AtomicDirectory(dest, inputs=inputs, kind="svd_hybrid_artifact", what="artifact_dir") as tmp:
-            compress(context, params, tmp)
-        return ArtifactSession(ArtifactReader(dest, verify=False))  # just written and hashed
-    temporary = tempfile.TemporaryDirectory(prefix="mk-svd-hybrid-")
-    compress(context, params, Path(temporary.name))
-    return ArtifactSession(ArtifactReader(temporary.name, verify=False), temporary)
+def _discard(atomic: AtomicDirectory) -> None:
+    atomic.__exit__(_Aborted, _Aborted(), None)
+
+
+class MergeSession:
+    def __init__(self, compressor: Compressor, atomic: AtomicDirectory | None, expected: set[str]) -> None:
+        self.compressor = compressor
+        self.expected = expected
+        self._last: tuple[str, Record] | None = None
+        self._atomic = atomic
+        self._discard = weakref.finalize(self, _discard, atomic) if atomic is not None else None
+        """Removes the unfinished artifact if the merge stops (the session is collected, or the
+        process exits) before the last tensor."""
+        if atomic is not None and not expected:
+            self._commit()
+
+    def merged_delta(self, group: TensorGroup) -> torch.Tensor:
+        if self._last is None or self._last[0] != group.name:  # the engine may merge a tensor again
+            try:
+                record = self.compressor.add(group)
+            except BaseException:
+                self.abort()
+                raise
+            self._last = (group.name, record)
+            if self._atomic is not None and self.expected <= self.compressor.encoded:
+                self._commit()
+        out = self.compressor.merged_delta(self._last[1], group.coefficients)
+        return out.to(group.tensors[0].device) if group.tensors else out
+
+    def _commit(self) -> None:
+        assert self._atomic is not None and self._discard is not None
+        try:
+            self.compressor.finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._discard.detach()
+        self._atomic.__exit__(None, None, None)
+        self._atomic = None
+
+    def abort(self) -> None:
+        """Remove the unfinished artifact now (nothing to do without one or once committed)."""
+        if self._discard is not None and self._discard.alive:
+            self._discard()
+        self._atomic = None
+
+
+def open_merge_session(context: PrepareContext, params: dict[str, Any]) -> MergeSession:
+    plan = context.plan
+    expected = {t.name for t in plan.tensors if t.action == "merge"} if plan is not None else set()
+    if not params["artifact_dir"]:
+        return MergeSession(Compressor(context, params), None, expected)
+    spec = plan.spec
+    inputs = ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
+    atomic = AtomicDirectory(Path(params["artifact_dir"]), inputs=inputs, kind="svd_hybrid_artifact",
+                             what="artifact_dir")
+    directory = atomic.__enter__()
+    try:
+        compressor = Compressor(context, params, directory)
+    except BaseException:
+        _discard(atomic)
+        raise
+    return MergeSession(compressor, atomic, expected)
