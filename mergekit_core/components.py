@@ -253,6 +253,11 @@ class MergeMethod(Component):
         sources, so use as few passes as the method needs."""
         return None
 
+    def finish(self, state: Any, error: BaseException | None) -> None:
+        """Called once when a merge whose ``prepare`` ran ends: ``error`` is None when every
+        tensor was merged and the output written, else the exception that stopped it. Commit or
+        remove what ``prepare`` opened (mk-svd-hybrid's artifact). Not called by a dry run."""
+
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
         """For linear methods: the ``c_t`` with merged = sum(c_t * delta_t)."""
         raise NotImplementedError(f"{self.label} is not linear")

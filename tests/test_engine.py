@@ -391,3 +391,56 @@ def test_prepare_context_streams_the_groups_a_merge_sees(tmp_path, models):
         for delta, src in zip(g.tensors, ("ft1", "ft2")):
             np.testing.assert_allclose(delta.numpy(), (tensors[src][g.name] - tensors["base"][g.name]).numpy(),
                                        rtol=1e-6, atol=1e-6)
+
+
+def test_finish_tells_a_prepared_method_how_the_merge_ended(tmp_path, models):
+    """``MergeMethod.finish(state, error)``: once, error None after a complete merge, the
+    exception after a failed one (here a method that fails on its second tensor)."""
+    import torch
+
+    from mergekit_core import MergeError, MergeMethod
+    from mergekit_core.config import MergeConfig
+    from mergekit_core.engine import run_merge
+    from mergekit_core.testing import fresh_host
+
+    calls = []
+
+    class Recorder(MergeMethod):
+        name = "recorder"
+        needs_prepare = True
+        fail_on = None
+
+        def prepare(self, context, params):
+            return {"merged": 0}
+
+        def merge(self, group, params, state=None):
+            state["merged"] += 1
+            if state["merged"] == self.fail_on:
+                raise MergeError(f"{group.name}: refused on purpose")
+            return torch.stack(group.tensors).mean(0)
+
+        def finish(self, state, error):
+            calls.append((state["merged"], None if error is None else str(error)))
+
+    import types
+
+    from mergekit_core import hookimpl
+
+    method = Recorder()
+    plugin = types.ModuleType("recorder_plugin")
+
+    @hookimpl
+    def mk_merge_methods():
+        return [method]
+
+    plugin.mk_merge_methods = mk_merge_methods
+    paths, _ = models
+    data = {"method": "recorder", "base_model": str(paths["base"]), "sources": [str(paths["ft1"]), str(paths["ft2"])],
+            "output_dir": str(tmp_path / "runs")}
+    result = run_merge(MergeConfig.from_dict(data).to_spec(), fresh_host({"recorder": plugin}), in_memory=True)
+    assert calls == [(result.report["merged"], None)]
+    calls.clear()
+    method.fail_on = 2
+    with pytest.raises(MergeError, match="refused on purpose"):
+        run_merge(MergeConfig.from_dict(data).to_spec(), fresh_host({"recorder": plugin}), in_memory=True)
+    assert len(calls) == 1 and calls[0][0] == 2 and "refused on purpose" in calls[0][1]

@@ -99,6 +99,8 @@ class TensorMerger:
         self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         self._workers: tuple[int, ThreadPoolExecutor] | None = None
+        self.prepared = False
+        """The method's ``prepare`` ran and its ``finish`` is still due."""
 
     # ----------------------------------------------------------------------- reading
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import resource
 import time
+import warnings as warnings_module
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,8 @@ from mergekit_core.engine.merger import EnginePrepareContext, TensorMerger
 from mergekit_core.engine.plan import build_plan
 from mergekit_core.engine.resolve import resolve_components, versions
 from mergekit_core.engine.write import check_outputs, write_output
-from mergekit_core.errors import UsageError
+from mergekit_core.components import MergeMethod, origin
+from mergekit_core.errors import MergekitError, PluginError, UsageError
 from mergekit_core.io.destination import AtomicDirectory
 from mergekit_core.outputs import new_run_dir, write_json
 from mergekit_core.plugins import PluginHost
@@ -49,6 +51,17 @@ def merged_weights(spec: MergeSpec, host: PluginHost) -> Callable[[dict[str, flo
         return run_merge(as_model, host, in_memory=True, values=values, write_bundle=False).state_dict
 
     return build
+
+
+def finish_method(method: MergeMethod, state: Any) -> None:
+    """``method.finish(state, None)`` after a successful merge; a plugin's bug becomes a PluginError."""
+    try:
+        method.finish(state, None)
+    except MergekitError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{method.label} ({origin(method)}) failed while finishing the merge: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def run_merge(
@@ -95,6 +108,7 @@ def run_merge(
                                   warn=warnings.append)
             if comps.method.needs_prepare:
                 merger.state = comps.method.prepare(EnginePrepareContext(merger, host, progress), comps.params)
+                merger.prepared = True
             out_path = write_to = spec.output.path
             staging: Path | None = None
             if write_bundle:  # written under a hidden name, published whole when the merge succeeded
@@ -114,6 +128,9 @@ def run_merge(
                       "versions": versions(host, comps)}
             state_dict, report, hashes = write_output(plan, merger, spec, write_to if save else None, recipe, progress,
                                                   force=force)
+            if merger.prepared:
+                merger.prepared = False  # finished: a failure from here on is not the method's to clean up
+                finish_method(comps.method, merger.state)
             flushed = report.get("flushed_to_zero") or {}
             if flushed:
                 worst = max(flushed, key=flushed.get)
@@ -156,6 +173,14 @@ def run_merge(
             result = MergeResult(spec, comps.method.name, comps.params, chosen, plan.output_kind,
                                  out_path if save else None, run_dir, metadata, state_dict, report)
         return result
+    except BaseException as exc:
+        if merger is not None and merger.prepared:
+            try:
+                comps.method.finish(merger.state, exc)
+            except Exception as cleanup:  # the merge's own error is what the user must see
+                warnings_module.warn(f"{comps.method.label} ({origin(comps.method)}): cleaning up after the failed "
+                                     f"merge failed too: {type(cleanup).__name__}: {cleanup}", stacklevel=1)
+        raise
     finally:
         if merger is not None:
             merger.close()

@@ -86,5 +86,9 @@ class SvdHybrid(MergeMethod):
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> Any:
         return state.merged_delta(group)
 
+    def finish(self, state: Any, error: BaseException | None) -> None:
+        """Commit the artifact (``artifact_dir``) after a complete merge; remove it after a failure."""
+        state.finish(error)
+
 
 METHODS = [SvdHybrid()]

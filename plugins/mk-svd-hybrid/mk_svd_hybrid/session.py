@@ -1,7 +1,8 @@
 """The state of ``mk merge --method svd_hybrid``: each tensor is encoded when the engine hands
 over its group, and merged from the record in memory; with ``artifact_dir``, the records are
 appended to an artifact written into a temporary sibling directory, which becomes
-``artifact_dir`` after the last tensor (and is removed if the merge stops before)."""
+``artifact_dir`` when the engine reports the merge done (``MergeMethod.finish``) and is removed
+when it reports a failure (or, as a last resort, when the session is collected unfinished)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mergekit_core import PrepareContext, TensorGroup
+from mergekit_core import MergeError, PrepareContext, TensorGroup
 from mergekit_core.api import AtomicDirectory
 from mk_svd_hybrid.codec import Record
 from mk_svd_hybrid.pipeline import Compressor
@@ -32,10 +33,8 @@ class MergeSession:
         self._last: tuple[str, Record] | None = None
         self._atomic = atomic
         self._discard = weakref.finalize(self, _discard, atomic) if atomic is not None else None
-        """Removes the unfinished artifact if the merge stops (the session is collected, or the
-        process exits) before the last tensor."""
-        if atomic is not None and not expected:
-            self._commit()
+        """Removes the unfinished artifact if the session is collected (or the process exits)
+        before ``finish``: a caller that never reports the end of the merge."""
 
     def merged_delta(self, group: TensorGroup) -> torch.Tensor:
         if self._last is None or self._last[0] != group.name:  # the engine may merge a tensor again
@@ -45,10 +44,21 @@ class MergeSession:
                 self.abort()
                 raise
             self._last = (group.name, record)
-            if self._atomic is not None and self.expected <= self.compressor.encoded:
-                self._commit()
         out = self.compressor.merged_delta(self._last[1], group.coefficients)
         return out.to(group.tensors[0].device) if group.tensors else out
+
+    def finish(self, error: BaseException | None) -> None:
+        """The engine's end of the merge: commit the artifact after a merge of every tensor,
+        remove it after a failure."""
+        if error is not None:
+            self.abort()
+        elif self._atomic is not None:
+            missing = self.expected - self.compressor.encoded
+            if missing:  # the engine said done without handing over every tensor: keep nothing half-made
+                self.abort()
+                raise MergeError(f"svd_hybrid: the merge ended before tensor {sorted(missing)[0]!r} was encoded; "
+                                 "the artifact was not written")
+            self._commit()
 
     def _commit(self) -> None:
         assert self._atomic is not None and self._discard is not None
