@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 BUCKETS = 1 << 15
+SELECT_CHUNK = 1 << 18
+"""Entries per slice of ``top_mask``'s passes (1 MiB of float32: cache-sized temporaries)."""
 NONFINITE = 0x7F80
 """The first bucket holding infinities and NaN (exponent bits all set)."""
 
@@ -62,21 +64,29 @@ def top_mask(a: torch.Tensor, m: int) -> torch.Tensor:
 
     Every entry equal to the threshold lies in its bucket, so the count above it and the tied
     positions come from the bucket's members and the histogram, never from a full-size pass.
+    The histogram, the bucket's members and the mask are computed over ``SELECT_CHUNK`` slices
+    (integer counts and index order do not depend on them): no full-size temporary besides the
+    mask, which the allocator would hand out as fresh, zeroed pages.
     """
     n = a.numel()
     if m <= 0:
         return torch.zeros(n, dtype=torch.bool, device=a.device)
     if m >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
-    exact = a.float()
-    buckets = magnitude_bucket(exact)
-    counts = torch.bincount(buckets, minlength=BUCKETS).cpu()
+    exact = a.float().contiguous()
+    pattern = exact.view(torch.int32)
+    spans = [(s, min(n, s + SELECT_CHUNK)) for s in range(0, n, SELECT_CHUNK)]
+    counts = torch.zeros(BUCKETS, dtype=torch.int64, device=a.device)
+    for s, e in spans:
+        counts += torch.bincount(pattern[s:e] >> 16, minlength=BUCKETS)
+    counts = counts.cpu()
     bucket, rank = locate(counts, m)
-    where = torch.nonzero(buckets == bucket).flatten()
-    del buckets
+    where = torch.cat([torch.nonzero((pattern[s:e] >> 16) == bucket).flatten().add_(s) for s, e in spans])
     threshold = kth_in(exact[where], rank)
-    del exact
-    mask = a > threshold
+    del exact, pattern
+    mask = torch.empty(n, dtype=torch.bool, device=a.device)
+    for s, e in spans:
+        torch.gt(a[s:e], threshold, out=mask[s:e])
     values = a[where]
     if a.dtype == torch.float32 and not int(counts[NONFINITE:].sum()):  # NaN would sit above, yet not be >
         above = int(counts[bucket + 1:].sum()) + int(torch.count_nonzero(values > threshold))

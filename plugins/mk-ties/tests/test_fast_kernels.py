@@ -81,7 +81,11 @@ def random_deltas(n: int, sources: int, seed: int, quantized: bool) -> list[torc
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_top_mask_equals_the_reference(seed, dtype):
+@pytest.mark.parametrize("chunk", [1 << 18, 700])
+def test_top_mask_equals_the_reference(seed, dtype, chunk, monkeypatch):
+    from mk_ties import select
+
+    monkeypatch.setattr(select, "SELECT_CHUNK", chunk)  # 700: several slices, a short last one
     g = torch.Generator().manual_seed(seed)
     n = int(torch.randint(1, 5000, (1,), generator=g))
     a = torch.randn(n, generator=g).abs()
@@ -92,7 +96,10 @@ def test_top_mask_equals_the_reference(seed, dtype):
         assert torch.equal(top_mask(a, m), reference_top_mask(a, m)), (n, m)
 
 
-def test_top_mask_with_nan_and_inf_equals_the_reference():
+def test_top_mask_with_nan_and_inf_equals_the_reference(monkeypatch):
+    from mk_ties import select
+
+    monkeypatch.setattr(select, "SELECT_CHUNK", 256)
     a = torch.rand(3000, generator=torch.Generator().manual_seed(1))
     a[::97] = float("nan")
     a[5::101] = float("inf")
