@@ -87,6 +87,8 @@ def instrument() -> None:
     except ImportError:
         return
     timed(select, "top_mask", "select (top-k masks)")
+    if hasattr(select, "top_magnitude_mask"):
+        timed(select, "top_magnitude_mask", "select (top-k masks)")
     timed(gt.GlobalTrim, "mask", "select (top-k masks)")
     timed(kernels, "elect_and_merge", "elect + aggregate")
     timed(kernels, "dare", "dare masks")

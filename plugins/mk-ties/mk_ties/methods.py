@@ -156,23 +156,21 @@ class Ties(_PerTensorDensity, MergeMethod):
         return layout
 
     def merge(self, group: TensorGroup, params: dict[str, Any], state: Any = None) -> torch.Tensor:
-        from mk_ties.select import keep_count, top_mask
+        from mk_ties.select import keep_count, top_magnitude_mask
 
         trim = state.trim if isinstance(state, Layout) else state
         flats = [x.reshape(-1) for x in group.tensors]
         densities = self.densities(group, params, state)
         masks = []
         for i, f in enumerate(flats):
-            a = f.abs()
             if params["trim_scope"] == "model" and trim is not None:
-                masks.append(trim.mask(i, group.name, a))
+                masks.append(trim.mask(i, group.name, f.abs()))
             else:
                 fraction = params["k"] / 100.0 if densities[i] is None else densities[i]
-                m = keep_count(fraction, a.numel())
+                m = keep_count(fraction, f.numel())
                 if fraction > 0:
-                    m = max(m, min(params["min_kept"], a.numel()))
-                masks.append(top_mask(a, m))
-            del a
+                    m = max(m, min(params["min_kept"], f.numel()))
+                masks.append(top_magnitude_mask(f, m))
         out = elect_and_aggregate(flats, group.coefficients, params, masks)
         return scaled(out, params).reshape(group.tensors[0].shape)
 

@@ -68,33 +68,47 @@ def top_mask(a: torch.Tensor, m: int) -> torch.Tensor:
     (integer counts and index order do not depend on them): no full-size temporary besides the
     mask, which the allocator would hand out as fresh, zeroed pages.
     """
-    n = a.numel()
+    return _top(a, m, magnitudes=False)
+
+
+def top_magnitude_mask(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``top_mask(x.abs(), m)`` without the full-size ``abs``: magnitudes are taken slice by slice
+    (the same values, so the same mask bit for bit)."""
+    return _top(x, m, magnitudes=True)
+
+
+def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
+    n = x.numel()
     if m <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=a.device)
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
     if m >= n:
-        return torch.ones(n, dtype=torch.bool, device=a.device)
-    exact = a.float().contiguous()
-    pattern = exact.view(torch.int32)
+        return torch.ones(n, dtype=torch.bool, device=x.device)
+
+    def values(s: int, e: int) -> torch.Tensor:  # the selection's input over [s, e)
+        return x[s:e].abs() if magnitudes else x[s:e]
+
+    def pattern(s: int, e: int) -> torch.Tensor:  # its float32 bit pattern
+        return values(s, e).float().contiguous().view(torch.int32)
+
     spans = [(s, min(n, s + SELECT_CHUNK)) for s in range(0, n, SELECT_CHUNK)]
-    counts = torch.zeros(BUCKETS, dtype=torch.int64, device=a.device)
+    counts = torch.zeros(BUCKETS, dtype=torch.int64, device=x.device)
     for s, e in spans:
-        counts += torch.bincount(pattern[s:e] >> 16, minlength=BUCKETS)
+        counts += torch.bincount(pattern(s, e) >> 16, minlength=BUCKETS)
     counts = counts.cpu()
     bucket, rank = locate(counts, m)
-    where = torch.cat([torch.nonzero((pattern[s:e] >> 16) == bucket).flatten().add_(s) for s, e in spans])
-    threshold = kth_in(exact[where], rank)
-    del exact, pattern
-    mask = torch.empty(n, dtype=torch.bool, device=a.device)
+    where = torch.cat([torch.nonzero((pattern(s, e) >> 16) == bucket).flatten().add_(s) for s, e in spans])
+    members = x[where].abs() if magnitudes else x[where]
+    threshold = kth_in(members.float(), rank)
+    mask = torch.empty(n, dtype=torch.bool, device=x.device)
     for s, e in spans:
-        torch.gt(a[s:e], threshold, out=mask[s:e])
-    values = a[where]
-    if a.dtype == torch.float32 and not int(counts[NONFINITE:].sum()):  # NaN would sit above, yet not be >
-        above = int(counts[bucket + 1:].sum()) + int(torch.count_nonzero(values > threshold))
+        torch.gt(values(s, e), threshold, out=mask[s:e])
+    if x.dtype == torch.float32 and not int(counts[NONFINITE:].sum()):  # NaN would sit above, yet not be >
+        above = int(counts[bucket + 1:].sum()) + int(torch.count_nonzero(members > threshold))
     else:
         above = int(torch.count_nonzero(mask))
     need = m - above
     if need > 0:
-        mask[where[values == threshold][:need]] = True
+        mask[where[members == threshold][:need]] = True
     return mask
 
 

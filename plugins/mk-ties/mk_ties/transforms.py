@@ -17,10 +17,10 @@ class Trim(Transform):
     params = (Param("k", 20.0, "percent kept", type=float, min=0.0, max=100.0),)
 
     def apply(self, name: str, delta: torch.Tensor, params: dict[str, Any], rng: torch.Generator) -> torch.Tensor:
-        from mk_ties.select import keep_count, top_mask
+        from mk_ties.select import keep_count, top_magnitude_mask
 
         flat = delta.reshape(-1)
-        return (flat * top_mask(flat.abs(), keep_count(params["k"] / 100.0, flat.numel()))).reshape(delta.shape)
+        return (flat * top_magnitude_mask(flat, keep_count(params["k"] / 100.0, flat.numel()))).reshape(delta.shape)
 
 
 class Dare(Transform):

@@ -92,8 +92,10 @@ def test_top_mask_equals_the_reference(seed, dtype, chunk, monkeypatch):
     if seed % 2:
         a = (a * 3).round() / 3  # ties at the threshold
     a = a.to(dtype)
+    signed = a * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(dtype)
     for m in (0, 1, n // 5, n // 2, n - 1, n):
         assert torch.equal(top_mask(a, m), reference_top_mask(a, m)), (n, m)
+        assert torch.equal(select.top_magnitude_mask(signed, m), reference_top_mask(signed.abs(), m)), (n, m)
 
 
 def test_top_mask_with_nan_and_inf_equals_the_reference(monkeypatch):
