@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--trim-scope", default="tensor")
     parser.add_argument("--out", required=True, help="output folder (deleted before and after)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--params", help="method parameters as JSON (default: lambda 0.3 and --trim-scope)")
     args = parser.parse_args()
     import torch
 
@@ -117,6 +118,8 @@ def main() -> None:
     pool, out = Path(args.pool), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     params: dict[str, Any] = {"lambda": 0.3} if args.method != "ties" else {"lambda": 0.3, "trim_scope": args.trim_scope}
+    if args.params:
+        params = json.loads(args.params)
     data = {"sources": sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft")),
             "base_model": str(pool / "base"), "method": args.method, "method_params": params,
             "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 BUCKETS = 1 << 15
-SELECT_CHUNK = 1 << 18
-"""Entries per slice of ``top_mask``'s passes (1 MiB of float32: cache-sized temporaries)."""
+SELECT_CHUNK = 1 << 17
+"""Entries per slice of ``top_mask``'s passes: 512 KiB of float32, under the allocator's 1 MiB
+mmap threshold (reused heap memory, in cache)."""
 NONFINITE = 0x7F80
 """The first bucket holding infinities and NaN (exponent bits all set)."""
 
@@ -64,9 +65,9 @@ def top_mask(a: torch.Tensor, m: int) -> torch.Tensor:
 
     Every entry equal to the threshold lies in its bucket, so the count above it and the tied
     positions come from the bucket's members and the histogram, never from a full-size pass.
-    The histogram, the bucket's members and the mask are computed over ``SELECT_CHUNK`` slices
-    (integer counts and index order do not depend on them): no full-size temporary besides the
-    mask, which the allocator would hand out as fresh, zeroed pages.
+    Two passes over ``SELECT_CHUNK`` slices (integer counts and index order do not depend on
+    them): the histogram; then the bucket's members, and the mask of every value in a higher
+    bucket (above the threshold by the bit order). No full-size temporary besides the mask.
     """
     return _top(a, m, magnitudes=False)
 
@@ -96,13 +97,23 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
         counts += torch.bincount(pattern(s, e) >> 16, minlength=BUCKETS)
     counts = counts.cpu()
     bucket, rank = locate(counts, m)
-    where = torch.cat([torch.nonzero((pattern(s, e) >> 16) == bucket).flatten().add_(s) for s, e in spans])
+    finite = not int(counts[NONFINITE:].sum())
+    mask = torch.empty(n, dtype=torch.bool, device=x.device)
+    parts = []
+    for s, e in spans:
+        high = pattern(s, e) >> 16
+        parts.append(torch.nonzero(high == bucket).flatten().add_(s))
+        if finite:  # a higher bucket is above the threshold, which lies in this one
+            torch.gt(high, bucket, out=mask[s:e])
+    where = torch.cat(parts)
     members = x[where].abs() if magnitudes else x[where]
     threshold = kth_in(members.float(), rank)
-    mask = torch.empty(n, dtype=torch.bool, device=x.device)
-    for s, e in spans:
-        torch.gt(values(s, e), threshold, out=mask[s:e])
-    if x.dtype == torch.float32 and not int(counts[NONFINITE:].sum()):  # NaN would sit above, yet not be >
+    if finite:
+        mask[where[members > threshold]] = True
+    else:  # NaN sits in the highest buckets yet is not above any threshold: compare every value
+        for s, e in spans:
+            torch.gt(values(s, e), threshold, out=mask[s:e])
+    if x.dtype == torch.float32 and finite:
         above = int(counts[bucket + 1:].sum()) + int(torch.count_nonzero(members > threshold))
     else:
         above = int(torch.count_nonzero(mask))

@@ -127,6 +127,20 @@ def test_elect_and_merge_is_bit_identical_to_fresh_stacks(monkeypatch, sign_meth
             assert torch.equal(bits(got), bits(want))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_elect_and_merge_does_not_depend_on_the_chunk_size(monkeypatch, weighted):
+    params = {"sign_method": "mass", "sign_tie": "majority", "aggregate": "weighted_mean",
+              "weighted_election": weighted}
+    flats = random_deltas(20_011, 3, 5, True)
+    masks = [top_mask(f.abs(), 6000) for f in flats]
+    assert 4096 < kernels.chunk_entries(3) and kernels.chunk_entries(3) * 3 * 4 <= kernels.CHUNK_BYTES < 1 << 20
+    results = []
+    for chunk in (1 << 18, 4096, 1000, 7):  # one chunk, then more and more
+        monkeypatch.setattr(kernels, "CHUNK", chunk)
+        results.append(kernels.elect_and_merge(flats, [0.7, -0.2, 1.3], params, masks))
+    assert all(torch.equal(bits(r), bits(results[0])) for r in results[1:])
+
+
 class ListContext(PrepareContext):
     """Groups from a list; counts how many times each tensor is read."""
 
