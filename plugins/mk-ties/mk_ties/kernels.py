@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
+
+from mk_ties.parallel import map_slices
 
 CHUNK = 1 << 18
 """Most entries per election chunk."""
@@ -116,22 +117,7 @@ def elect_and_merge(flats: Sequence[torch.Tensor], coefficients: Sequence[float]
         tied = torch.nonzero(_any_nonzero(stack, space.flags[:k]).logical_and_(elected == 0)).flatten()
         return total, (tied + s if tied.numel() else None)
 
-    starts = list(range(0, n, size))
-    workers = min(len(starts), torch.get_num_threads()) if device.type == "cpu" else 1
-    if workers > 1:
-        threads = torch.get_num_threads()
-
-        def single(s: int) -> tuple[int, torch.Tensor | None]:
-            torch.set_num_threads(1)
-            return chunk(s)
-
-        try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mk-ties-elect") as pool:
-                results = list(pool.map(single, starts))
-        finally:
-            torch.set_num_threads(threads)
-    else:
-        results = [chunk(s) for s in starts]
+    results = map_slices(chunk, list(range(0, n, size)), device, "mk-ties-elect")
     elected_sum = sum(total for total, _ in results)
     pending = [tied for _, tied in results if tied is not None]
     if pending:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from mk_ties.parallel import map_slices
+
 BUCKETS = 1 << 15
 SELECT_CHUNK = 1 << 17
 """Entries per slice of ``top_mask``'s passes: 512 KiB of float32, under the allocator's 1 MiB
@@ -93,19 +95,23 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
 
     spans = [(s, min(n, s + SELECT_CHUNK)) for s in range(0, n, SELECT_CHUNK)]
     counts = torch.zeros(BUCKETS, dtype=torch.int64, device=x.device)
-    for s, e in spans:
-        counts += torch.bincount(pattern(s, e) >> 16, minlength=BUCKETS)
+    for part in map_slices(lambda span: torch.bincount(pattern(*span) >> 16, minlength=BUCKETS), spans, x.device,
+                           "mk-ties-select"):
+        counts += part
     counts = counts.cpu()
     bucket, rank = locate(counts, m)
     finite = not int(counts[NONFINITE:].sum())
     mask = torch.empty(n, dtype=torch.bool, device=x.device)
-    parts = []
-    for s, e in spans:
+
+    def gather(span: tuple[int, int]) -> torch.Tensor:
+        """The positions in ``span`` of the threshold's bucket; marks the higher buckets."""
+        s, e = span
         high = pattern(s, e) >> 16
-        parts.append(torch.nonzero(high == bucket).flatten().add_(s))
         if finite:  # a higher bucket is above the threshold, which lies in this one
             torch.gt(high, bucket, out=mask[s:e])
-    where = torch.cat(parts)
+        return torch.nonzero(high == bucket).flatten().add_(s)
+
+    where = torch.cat(map_slices(gather, spans, x.device, "mk-ties-select"))
     members = x[where].abs() if magnitudes else x[where]
     threshold = kth_in(members.float(), rank)
     if finite:
