@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import torch
 
 from mergekit_core import PrepareContext
-from mk_ties.select import BUCKETS, keep_count, kth_in, locate, magnitude_bucket
+from mk_ties.parallel import map_slices
+from mk_ties.select import (
+    BUCKETS,
+    SELECT_CHUNK,
+    keep_count,
+    kth_in,
+    locate,
+    magnitude_bucket,
+)
 
 
 @dataclass
@@ -30,16 +38,35 @@ class GlobalTrim:
     ties: list[dict[str, int]] = field(default_factory=list)
 
     def mask(self, source: int, name: str, a: torch.Tensor) -> torch.Tensor:
+        """The kept entries of the magnitudes ``a`` (1-D) of tensor ``name`` of ``source``."""
+        return self.magnitude_mask(source, name, a)
+
+    def magnitude_mask(self, source: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``mask(source, name, x.abs())`` without the full-size ``abs``: slice by slice, on worker
+        threads (the same mask)."""
         threshold = self.thresholds[source]
-        mask = a > threshold
+        flat = x.reshape(-1)
+        mask = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+
+        def above(span: tuple[int, int]) -> torch.Tensor | None:
+            s, e = span
+            a = flat[s:e].abs()
+            torch.gt(a, threshold, out=mask[s:e])
+            return torch.nonzero(a == threshold).flatten().add_(s) if self.ties[source].get(name, 0) else None
+
+        tied = map_slices(above, spans(flat.numel()), flat.device, "mk-ties-trim")
         take = self.ties[source].get(name, 0)
         if take:
-            mask[torch.nonzero(a == threshold).flatten()[:take]] = True
+            mask[torch.cat(tied)[:take]] = True
         return mask
 
 
-def _flat_abs(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().reshape(-1).float()
+def spans(n: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + SELECT_CHUNK)) for s in range(0, n, SELECT_CHUNK)]
+
+
+def _abs_slice(flat: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    return flat[span[0]:span[1]].abs().float()
 
 
 @dataclass
@@ -86,9 +113,13 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             if i == len(stats):
                 stats.append(_Source())
             src = stats[i]
-            a = _flat_abs(x)
-            buckets = magnitude_bucket(a)
-            hist = torch.bincount(buckets, minlength=BUCKETS).cpu()
+            flat = x.detach().reshape(-1)
+            parts = spans(flat.numel())
+            hist = torch.zeros(BUCKETS, dtype=torch.int64, device=flat.device)
+            for part in map_slices(lambda span: torch.bincount(magnitude_bucket(_abs_slice(flat, span)),
+                                                               minlength=BUCKETS), parts, flat.device, "mk-ties-trim"):
+                hist += part
+            hist = hist.cpu()
             src.counts += hist
             src.total += x.numel()
             occupied = torch.nonzero(hist).flatten()
@@ -99,10 +130,15 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             if 0 < m < src.total and kept_bytes < KEEP_BYTES:
                 guess = locate(src.counts, m)[0]
                 lo, hi = guess - WINDOW, guess + WINDOW
-                values = a[(buckets >= lo) & (buckets <= hi)].cpu()
+
+                def window(span: tuple[int, int]) -> torch.Tensor:
+                    a = _abs_slice(flat, span)
+                    b = magnitude_bucket(a)
+                    return a[(b >= lo) & (b <= hi)]
+
+                values = torch.cat(map_slices(window, parts, flat.device, "mk-ties-trim")).cpu()
                 kept_bytes += values.numel() * values.element_size()
                 src.windows[group.name] = (lo, hi, values)
-            del a, buckets
     result = GlobalTrim()
     plans = []  # per source: (bucket, how many to take inside it) or None
     for src in stats:
@@ -140,7 +176,7 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             for i, x in enumerate(group.tensors):
                 if plans[i] is None or group.name in members[i] or not stats[i].count_in(group.name, plans[i][0]):
                     continue
-                a = _flat_abs(x)
+                a = x.detach().abs().reshape(-1).float()
                 members[i][group.name] = a[magnitude_bucket(a) == plans[i][0]].cpu()
     for i, plan in enumerate(plans):
         if plan is None:

@@ -164,7 +164,7 @@ class Ties(_PerTensorDensity, MergeMethod):
         masks = []
         for i, f in enumerate(flats):
             if params["trim_scope"] == "model" and trim is not None:
-                masks.append(trim.mask(i, group.name, f.abs()))
+                masks.append(trim.magnitude_mask(i, group.name, f))
             else:
                 fraction = params["k"] / 100.0 if densities[i] is None else densities[i]
                 m = keep_count(fraction, f.numel())
