@@ -12,11 +12,12 @@ these vectors with any coefficients.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from mergekit_core import PrepareContext
 from mk_ties.global_trim import GlobalTrim, global_trim
 from mk_ties.select import keep_count, top_mask
 
@@ -27,11 +28,14 @@ class _Group:
     tensors: list[torch.Tensor]
 
 
-class _Groups:
+class _Groups(PrepareContext):
+    """A prepare context over ``groups()`` (its ``groups_of`` filters a full pass)."""
+
     def __init__(self, groups: Callable[[], Iterable[tuple[str, Sequence[torch.Tensor]]]]) -> None:
+        self.plan = None
         self._groups = groups
 
-    def groups(self) -> Iterable[_Group]:
+    def groups(self) -> Iterator[_Group]:  # type: ignore[override]
         for name, tensors in self._groups():
             yield _Group(name, list(tensors))
 
