@@ -2,6 +2,7 @@
 
 - :func:`fresh_host`: a plugin host with the built-ins and the plugin modules you name.
 - :func:`run_mk`: run ``mk`` in process, capturing exit status, stdout and stderr.
+- :func:`write_fine_tunes`: a small base model and fine-tunes of it, as safetensors folders.
 - :func:`check_merge_method`: the contract every merge method must meet, in one call::
 
       def test_contract():
@@ -28,6 +29,34 @@ def fresh_host(plugins: Mapping[str, object] | None = None, *, entry_points: boo
     for name, module in (plugins or {}).items():
         host.register(module, name, distribution=name)
     return host
+
+
+def write_fine_tunes(root: Any, shapes: Mapping[str, Sequence[int]], names: Sequence[str] = ("base", "ft1", "ft2"),
+                     *, scale: float = 0.1, seed: int = 0, dtype: Any = None,
+                     config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``root/<name>/model.safetensors`` for each of ``names``: the first is a random base
+    (``shapes``: tensor name -> shape, standard normal), the others the base plus ``scale`` times
+    fresh noise; stored in ``dtype`` (default bfloat16), with ``config.json`` when given.
+    Returns name -> folder (``pathlib.Path``)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(tuple(s), generator=g) for n, s in shapes.items()}
+    folders = {}
+    for i, name in enumerate(names):
+        folder = Path(root) / name
+        folder.mkdir(parents=True)
+        tensors = {n: (x if i == 0 else x + scale * torch.randn(x.shape, generator=g)).to(dtype or torch.bfloat16)
+                   for n, x in base.items()}
+        save_file(tensors, str(folder / "model.safetensors"))
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(dict(config)))
+        folders[name] = folder
+    return folders
 
 
 @dataclass

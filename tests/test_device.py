@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from mergekit_core.config import MergeConfig
 from mergekit_core.engine import run_merge
 from mergekit_core.errors import ConfigError, UsageError
-from mergekit_core.testing import fresh_host, run_mk
+from mergekit_core.testing import fresh_host, run_mk, write_fine_tunes
 
 HOST = fresh_host(entry_points=True)
 SHAPES = {"model.embed_tokens.weight": (64, 16), "model.layers.0.mlp.up_proj.weight": (48, 16),
@@ -21,14 +20,7 @@ HAS_GPU = torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     root = tmp_path_factory.mktemp("device_pool")
-    g = torch.Generator().manual_seed(0)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    for name in ("base", "ft1", "ft2", "ft3"):
-        d = root / name
-        d.mkdir()
-        tensors = {k: (v if name == "base" else v + 0.1 * torch.randn(v.shape, generator=g)).to(torch.bfloat16)
-                   for k, v in base.items()}
-        save_file(tensors, str(d / "model.safetensors"))
+    write_fine_tunes(root, SHAPES, ("base", "ft1", "ft2", "ft3"))
     return root
 
 

@@ -208,11 +208,12 @@ class SafetensorsReader(CheckpointReader):
         The pages are populated on the calling thread (``MADV_POPULATE_READ``), so a reader
         thread does the disk's work while another computes, and reading a cached file copies
         nothing (``pread`` into fresh memory cost a page fault, a zeroed page and a copy per 4 KiB:
-        ``benchmarks/merge_speed.py``). Only the tensors in flight are resident, as before. Where
+        ``benchmarks/read_paths.py``). Only the tensors in flight are resident, as before. Where
         mapping fails (a file system without mmap, the process's map count at its limit) and for
-        tensors under ``MAP_MIN_BYTES``, the tensor is read with ``pread``.
+        tensors under ``MAP_MIN_BYTES``, the tensor is read with ``pread``. As with any mapped
+        file, another process truncating a source while a merge reads it stops the merge with
+        SIGBUS; mk itself never writes to its inputs.
         """
-
         from mergekit_core.io.dtypes import torch_dtype
 
         header = self._where.get(name)

@@ -4,7 +4,6 @@ and leaves nothing behind when it fails; the codec in column blocks."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mergekit_core import Format, hookimpl
 from mergekit_core.api import MergeConfig, SafetensorsReader, prepare_context
-from mergekit_core.testing import fresh_host, run_mk
+from mergekit_core.testing import fresh_host, run_mk, write_fine_tunes
 
 SHAPES = {"embed.weight": (40, 16), "layers.0.up_proj.weight": (16, 24), "layers.0.conv.weight": (8, 4, 3),
           "norm.weight": (16,)}
@@ -68,17 +67,10 @@ class CountingPlugin:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """base and three fine-tunes: low-rank shared and own changes plus noise, bf16."""
+    """base and three fine-tunes (the base plus 5% noise), bf16."""
     root = tmp_path_factory.mktemp("svd-one-pass")
-    g = torch.Generator().manual_seed(5)
-    base = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
-    for name in ("base", "a", "b", "c"):
-        d = root / name
-        d.mkdir()
-        tensors = {n: (x if name == "base" else x + 0.05 * torch.randn(x.shape, generator=g)).to(torch.bfloat16)
-                   for n, x in base.items()}
-        save_file(tensors, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for d in write_fine_tunes(root, SHAPES, ("base", "a", "b", "c"), scale=0.05, seed=5,
+                              config={"model_type": "llama"}).values():
         (d / MARKER).write_text("")
     return root
 
