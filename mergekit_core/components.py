@@ -255,8 +255,9 @@ class MergeMethod(Component):
 
     def finish(self, state: Any, error: BaseException | None) -> None:
         """Called once when a merge whose ``prepare`` ran ends: ``error`` is None when every
-        tensor was merged and the output written, else the exception that stopped it. Commit or
-        remove what ``prepare`` opened (mk-svd-hybrid's artifact). Not called by a dry run."""
+        tensor was merged and written (before the output is published: raising then publishes
+        nothing), else the exception that stopped it. Commit or remove what ``prepare`` opened
+        (mk-svd-hybrid's artifact). Not called by a dry run."""
 
     def linear_coefficients(self, group: TensorGroup, params: dict[str, Any]) -> list[float]:
         """For linear methods: the ``c_t`` with merged = sum(c_t * delta_t)."""

@@ -421,6 +421,10 @@ def test_finish_tells_a_prepared_method_how_the_merge_ended(tmp_path, models):
 
         def finish(self, state, error):
             calls.append((state["merged"], None if error is None else str(error)))
+            if self.fail_finish:
+                raise MergeError("cannot commit on purpose")
+
+        fail_finish = False
 
     import types
 
@@ -444,3 +448,13 @@ def test_finish_tells_a_prepared_method_how_the_merge_ended(tmp_path, models):
     with pytest.raises(MergeError, match="refused on purpose"):
         run_merge(MergeConfig.from_dict(data).to_spec(), fresh_host({"recorder": plugin}), in_memory=True)
     assert len(calls) == 1 and calls[0][0] == 2 and "refused on purpose" in calls[0][1]
+
+    # a finish that fails publishes no output: it runs before the output is swapped into place
+    calls.clear()
+    method.fail_on, method.fail_finish = None, True
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match="cannot commit on purpose"):
+        run_merge(MergeConfig.from_dict({**data, "output": {"path": str(out)}}).to_spec(),
+                  fresh_host({"recorder": plugin}))
+    assert len(calls) == 1 and calls[0][1] is None
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".merged")]

@@ -126,11 +126,14 @@ def run_merge(
                 out_path, write_to = run_dir / plan.output_kind, staging / plan.output_kind
             recipe = {"spec": spec.to_json(), "config": spec.to_config(), "lambda_values": chosen,
                       "versions": versions(host, comps)}
+
+            def finish() -> None:  # before the output is published: a failure here publishes nothing
+                if merger.prepared:
+                    merger.prepared = False  # a failure from here on is not the method's to clean up
+                    finish_method(comps.method, merger.state)
+
             state_dict, report, hashes = write_output(plan, merger, spec, write_to if save else None, recipe, progress,
-                                                  force=force)
-            if merger.prepared:
-                merger.prepared = False  # finished: a failure from here on is not the method's to clean up
-                finish_method(comps.method, merger.state)
+                                                      force=force, merged=finish)
             flushed = report.get("flushed_to_zero") or {}
             if flushed:
                 worst = max(flushed, key=flushed.get)

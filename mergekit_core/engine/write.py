@@ -51,20 +51,24 @@ def check_outputs(spec: MergeSpec, *, save: bool = True, write_bundle: bool = Tr
 
 
 def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,
-                 recipe: dict[str, Any], progress: Callable[..., None] | None, *, force: bool = False
+                 recipe: dict[str, Any], progress: Callable[..., None] | None, *, force: bool = False,
+                 merged: Callable[[], None] | None = None,
                  ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
     """Merge every tensor and write the output at ``out_path`` (None: keep the tensors in memory).
 
     Returns ``(state dict or None, report, file -> sha256)``; ``recipe`` goes into every output
-    file's header.
+    file's header. ``merged()`` runs once every tensor is merged and written, before the output
+    is published: an error there publishes nothing.
     """
+    done = merged or (lambda: None)
     inputs = input_paths(spec)
     if plan.output_kind == "adapter":
-        return write_adapter(plan, merger, spec, out_path, recipe, progress, inputs=inputs, force=force)
+        return write_adapter(plan, merger, spec, out_path, recipe, progress, inputs=inputs, force=force, merged=done)
     header = {"mergekit_recipe": json.dumps(recipe, default=str, sort_keys=True)}
     if out_path is None:
         state: dict[str, Any] = {}
         report = stream_merge(merger, state.__setitem__, output_infos(merger, spec.output.dtype), progress)
+        done()
         return state, report_dict(plan, report), {}
     with AtomicDirectory(out_path, inputs=inputs, force=force, kind="model") as tmp:
         planned = output_infos(merger, spec.output.dtype)
@@ -80,20 +84,22 @@ def write_output(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_pat
             hashes.update(plan.finish_model_files(tmp))
         hashes.update(write_model_card(tmp, out_path.name, spec, plan.method.name, merger.params,
                                        recipe["lambda_values"], "model"))
+        done()
     return None, report_dict(plan, report), hashes
 
 
 def write_adapter(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_path: Path | None,
                   recipe: dict[str, Any], progress: Callable[..., None] | None, *,
-                  inputs: list[Path], force: bool) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
+                  inputs: list[Path], force: bool, merged: Callable[[], None]
+                  ) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, str]]:
     """:func:`write_output` for an adapter output: merged LoRA factors, in the sources' dtype."""
     import torch
 
     from mergekit_core.engine.adapter_output import merge_adapters
     from mergekit_core.io.peft_writer import lora_keys, write_lora_adapter
 
-    merged = merge_adapters(merger, spec.output.adapter_rank, progress)
-    report = adapter_report_dict(plan, merged)
+    factors = merge_adapters(merger, spec.output.adapter_rank, progress)
+    report = adapter_report_dict(plan, factors)
     first = plan.sources[0].reader
     dtype = torch.float32
     if spec.output.dtype:
@@ -106,20 +112,22 @@ def write_adapter(plan: MergePlan, merger: TensorMerger, spec: MergeSpec, out_pa
             dtype = torch_dtype(codes.pop())
     if out_path is None:
         state = {}
-        for m in merged.modules:
+        for m in factors.modules:
             key_a, key_b = lora_keys(m.module, m.layer_type)
             state[key_a], state[key_b] = m.A, m.B
-        state.update(merged.full_tensors)
+        state.update(factors.full_tensors)
+        merged()
         return state, report, {}
     with AtomicDirectory(out_path, inputs=inputs, force=force, kind="adapter") as tmp:
         hashes = write_lora_adapter(
-            tmp, merged.modules, dtype=dtype,
+            tmp, factors.modules, dtype=dtype,
             base_model_name_or_path=first.config.base_model_name_or_path,
             task_type=first.config.task_type, fan_in_fan_out=first.config.fan_in_fan_out,
-            full_tensors=merged.full_tensors, modules_to_save=merged.modules_to_save,
+            full_tensors=factors.full_tensors, modules_to_save=factors.modules_to_save,
             metadata={"mergekit_recipe": json.dumps(recipe, default=str, sort_keys=True)},
             allow_nonfinite=merger.allow_nonfinite, warn=merger.warn,
         )
         hashes.update(write_model_card(tmp, out_path.name, spec, plan.method.name, merger.params,
                                        recipe["lambda_values"], "adapter"))
+        merged()
     return None, report, hashes

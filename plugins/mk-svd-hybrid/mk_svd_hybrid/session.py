@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from mergekit_core import MergeError, PrepareContext, TensorGroup
+from mergekit_core import ConfigError, MergeError, PrepareContext, TensorGroup
 from mergekit_core.api import AtomicDirectory
 from mk_svd_hybrid.codec import Record
 from mk_svd_hybrid.pipeline import Compressor
@@ -32,6 +33,7 @@ class MergeSession:
         self.expected = expected
         self._last: tuple[str, Record] | None = None
         self._atomic = atomic
+        self._where = atomic.dest if atomic is not None else None
         self._discard = weakref.finalize(self, _discard, atomic) if atomic is not None else None
         """Removes the unfinished artifact if the session is collected (or the process exits)
         before ``finish``: a caller that never reports the end of the merge."""
@@ -40,6 +42,9 @@ class MergeSession:
         if self._last is None or self._last[0] != group.name:  # the engine may merge a tensor again
             try:
                 record = self.compressor.add(group)
+            except (OSError, SafetensorError) as exc:
+                self.abort()
+                raise _artifact_error(self._where, exc) from exc
             except BaseException:
                 self.abort()
                 raise
@@ -64,6 +69,9 @@ class MergeSession:
         assert self._atomic is not None and self._discard is not None
         try:
             self.compressor.finish()
+        except (OSError, SafetensorError) as exc:
+            self.abort()
+            raise _artifact_error(self._where, exc) from exc
         except BaseException:
             self.abort()
             raise
@@ -78,15 +86,30 @@ class MergeSession:
         self._atomic = None
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _artifact_error(directory: Any, exc: BaseException) -> MergeError:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return MergeError(f"svd_hybrid: cannot write the artifact in {directory} ({first})",
+                      hint="check the free space and permissions there, or leave artifact_dir out")
+
+
 def open_merge_session(context: PrepareContext, params: dict[str, Any]) -> MergeSession:
     plan = context.plan
     expected = {t.name for t in plan.tensors if t.action == "merge"} if plan is not None else set()
     if not params["artifact_dir"]:
         return MergeSession(Compressor(context, params), None, expected)
     spec = plan.spec
+    artifact = Path(params["artifact_dir"])
+    output = getattr(spec.output, "path", None)
+    if output is not None and _overlap(artifact, Path(output)):
+        raise ConfigError(f"svd_hybrid: artifact_dir {artifact} and the merge's output {output} overlap "
+                          "(one is or holds the other)", hint="give the artifact a folder of its own")
     inputs = ([spec.base_model] if spec.base_model else []) + [s.path for s in spec.sources]
-    atomic = AtomicDirectory(Path(params["artifact_dir"]), inputs=inputs, kind="svd_hybrid_artifact",
-                             what="artifact_dir")
+    atomic = AtomicDirectory(artifact, inputs=inputs, kind="svd_hybrid_artifact", what="artifact_dir")
     directory = atomic.__enter__()
     try:
         compressor = Compressor(context, params, directory)

@@ -228,3 +228,15 @@ def test_one_block_covers_a_tensor_within_the_budget():
     assert first.tensors.keys() == again.tensors.keys()
     assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
     assert first.meta == again.meta
+
+
+def test_an_artifact_dir_overlapping_the_output_is_refused_before_anything_is_written(tmp_path, models):
+    host = fresh_host({"svd_hybrid": plugin})
+    work = tmp_path / "work"
+    work.mkdir()
+    for out, artifact in ((work / "same", work / "same"), (work / "parent" / "model", work / "parent"),
+                          (work / "outer", work / "outer" / "art")):
+        result = _merge(host, models, out, f"artifact_dir={artifact}")
+        assert result.exit_code == 2 and "artifact_dir" in result.stderr and "overlap" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert sorted(p.name for p in work.iterdir()) in ([], ["runs"]), list(work.iterdir())
