@@ -40,15 +40,7 @@ class MergeSession:
 
     def merged_delta(self, group: TensorGroup) -> torch.Tensor:
         if self._last is None or self._last[0] != group.name:  # the engine may merge a tensor again
-            try:
-                record = self.compressor.add(group)
-            except (OSError, SafetensorError) as exc:
-                self.abort()
-                raise _artifact_error(self._where, exc) from exc
-            except BaseException:
-                self.abort()
-                raise
-            self._last = (group.name, record)
+            self._last = (group.name, self._or_abort(self.compressor.add, group))
         out = self.compressor.merged_delta(self._last[1], group.coefficients)
         return out.to(group.tensors[0].device) if group.tensors else out
 
@@ -67,17 +59,24 @@ class MergeSession:
 
     def _commit(self) -> None:
         assert self._atomic is not None and self._discard is not None
+        self._or_abort(self.compressor.finish)
+        self._discard.detach()
+        self._atomic.__exit__(None, None, None)
+        self._atomic = None
+
+    def _or_abort(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``; on any error the unfinished artifact is removed first, and a failed write
+        into it is reported as such."""
         try:
-            self.compressor.finish()
+            return fn(*args)
         except (OSError, SafetensorError) as exc:
             self.abort()
+            if self._where is None:
+                raise
             raise _artifact_error(self._where, exc) from exc
         except BaseException:
             self.abort()
             raise
-        self._discard.detach()
-        self._atomic.__exit__(None, None, None)
-        self._atomic = None
 
     def abort(self) -> None:
         """Remove the unfinished artifact now (nothing to do without one or once committed)."""
