@@ -22,6 +22,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
                            "mk merge: the optimizer chooses lambda values (with evaluation), then run_merge"),
     "optimizer_context": ("mergekit_core.evaluation.optimize",
                           "the context, optimizer and params mk merge gives a config's optimizer (for its tests)"),
+    "map_slices": ("mergekit_core.engine.threads",
+                   "[fn(i) for i in items] on worker threads running single-threaded torch ops, in order"),
     "open_task_vectors": ("mergekit_core.engine.task_vectors",
                           "the base and each source's task vector per tensor, read lazily (LoRA kept factored)"),
     "TaskVectors": ("mergekit_core.engine.task_vectors", "what open_task_vectors yields: names, layers, load, fixed"),

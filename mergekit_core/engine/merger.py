@@ -23,6 +23,7 @@ from mergekit_core.components import (
     origin,
 )
 from mergekit_core.engine.plan import MergePlan, TensorPlan
+from mergekit_core.engine.threads import map_slices
 from mergekit_core.errors import MergeError, PluginError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -244,27 +245,16 @@ class TensorMerger:
         return buf
 
     def _map_chunks(self, fn: Callable[[int], Any], starts: list[int]) -> list[Any]:
-        """``[fn(s) for s in starts]``, on ``torch.get_num_threads()`` worker threads whose torch
-        operations run single-threaded: small chunk operations then never wait for a whole team
-        of intra-op threads (on two loaded cores that wait was most of the time)."""
+        """``[fn(s) for s in starts]`` on this merger's worker threads (``threads.map_slices``); the
+        pool lives across tensors, so each thread keeps its chunk buffers (``_buffer``)."""
         import torch
 
         threads = torch.get_num_threads()
-        if threads < 2 or len(starts) < 2:
-            return [fn(s) for s in starts]
         if self._workers is None or self._workers[0] != threads:
             if self._workers is not None:
                 self._workers[1].shutdown()
             self._workers = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mk-chunk"))
-
-        def single(start: int) -> Any:
-            torch.set_num_threads(1)
-            return fn(start)
-
-        try:
-            return list(self._workers[1].map(single, starts))
-        finally:
-            torch.set_num_threads(threads)
+        return map_slices(fn, starts, pool=self._workers[1])
 
     # ----------------------------------------------------------------------- computing
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mergekit_core import PrepareContext
-from mk_ties.parallel import map_slices
+from mergekit_core.api import map_slices
 from mk_ties.select import (
     BUCKETS,
     SELECT_CHUNK,
@@ -54,7 +54,7 @@ class GlobalTrim:
             torch.gt(a, threshold, out=mask[s:e])
             return torch.nonzero(a == threshold).flatten().add_(s) if self.ties[source].get(name, 0) else None
 
-        tied = map_slices(above, spans(flat.numel()), flat.device, "mk-ties-trim")
+        tied = map_slices(above, spans(flat.numel()), flat.device, name="mk-ties-trim")
         take = self.ties[source].get(name, 0)
         if take:
             mask[torch.cat(tied)[:take]] = True
@@ -117,7 +117,7 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
             parts = spans(flat.numel())
             hist = torch.zeros(BUCKETS, dtype=torch.int64, device=flat.device)
             for part in map_slices(lambda span: torch.bincount(magnitude_bucket(_abs_slice(flat, span)),
-                                                               minlength=BUCKETS), parts, flat.device, "mk-ties-trim"):
+                                                               minlength=BUCKETS), parts, flat.device, name="mk-ties-trim"):
                 hist += part
             hist = hist.cpu()
             src.counts += hist
@@ -136,7 +136,7 @@ def global_trim(context: PrepareContext, k: float) -> GlobalTrim:
                     b = magnitude_bucket(a)
                     return a[(b >= lo) & (b <= hi)]
 
-                values = torch.cat(map_slices(window, parts, flat.device, "mk-ties-trim")).cpu()
+                values = torch.cat(map_slices(window, parts, flat.device, name="mk-ties-trim")).cpu()
                 kept_bytes += values.numel() * values.element_size()
                 src.windows[group.name] = (lo, hi, values)
     result = GlobalTrim()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mk_ties.parallel import map_slices
+from mergekit_core.api import map_slices
 
 CHUNK = 1 << 18
 """Most entries per election chunk."""
@@ -117,7 +117,7 @@ def elect_and_merge(flats: Sequence[torch.Tensor], coefficients: Sequence[float]
         tied = torch.nonzero(_any_nonzero(stack, space.flags[:k]).logical_and_(elected == 0)).flatten()
         return total, (tied + s if tied.numel() else None)
 
-    results = map_slices(chunk, list(range(0, n, size)), device, "mk-ties-elect")
+    results = map_slices(chunk, list(range(0, n, size)), device, name="mk-ties-elect")
     elected_sum = sum(total for total, _ in results)
     pending = [tied for _, tied in results if tied is not None]
     if pending:

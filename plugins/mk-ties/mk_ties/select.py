@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mk_ties.parallel import map_slices
+from mergekit_core.api import map_slices
 
 BUCKETS = 1 << 15
 SELECT_CHUNK = 1 << 17
@@ -96,7 +96,7 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
     spans = [(s, min(n, s + SELECT_CHUNK)) for s in range(0, n, SELECT_CHUNK)]
     counts = torch.zeros(BUCKETS, dtype=torch.int64, device=x.device)
     for part in map_slices(lambda span: torch.bincount(pattern(*span) >> 16, minlength=BUCKETS), spans, x.device,
-                           "mk-ties-select"):
+                           name="mk-ties-select"):
         counts += part
     counts = counts.cpu()
     bucket, rank = locate(counts, m)
@@ -111,7 +111,7 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
             torch.gt(high, bucket, out=mask[s:e])
         return torch.nonzero(high == bucket).flatten().add_(s)
 
-    where = torch.cat(map_slices(gather, spans, x.device, "mk-ties-select"))
+    where = torch.cat(map_slices(gather, spans, x.device, name="mk-ties-select"))
     members = x[where].abs() if magnitudes else x[where]
     threshold = kth_in(members.float(), rank)
     if finite:
