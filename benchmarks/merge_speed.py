@@ -164,32 +164,32 @@ SUITE_PARAMS = {
 """The suite's mk settings: mergekit's conventions, as ideal_merge.py and mergekit compute them."""
 
 
+def merge_config(pool: Path, out: Path, method: str, suite: bool = False) -> dict:
+    """The merge of ``pool``'s fine-tunes into ``out``: the suite's settings, or the method's
+    defaults with lambda 0.3."""
+    sources = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
+    name, params = SUITE_PARAMS[method] if suite else (method, {})
+    if not params and method in ("task_arithmetic", "ties", "dare_ties"):
+        params = {"lambda": 0.3}
+    data = {"sources": sources, "base_model": str(pool / "base"), "method": name,
+            "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
+    return {**data, "method_params": params} if params else data
+
+
 def run_mk_cli(pool: Path, out: Path, method: str) -> None:
     """``mk merge CONFIG`` in a fresh process: what a user runs (its startup and settings included)."""
-    sources = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
-    name, params = SUITE_PARAMS[method]
-    data = {"sources": sources, "base_model": str(pool / "base"), "method": name, "method_params": params,
-            "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
     config = out.parent / "mk.yaml"  # JSON text: YAML reads it
-    config.write_text(json.dumps(data))
+    config.write_text(json.dumps(merge_config(pool, out, method, suite=True)))
     subprocess.run([str(Path(sys.executable).parent / "mk"), "merge", str(config), "--force"],
                    check=True, capture_output=True)
 
 
-def run_mk(pool: Path, out: Path, method: str, suite: bool = False) -> None:
+def run_mk(pool: Path, out: Path, method: str) -> None:
     from mergekit_core.config import MergeConfig
     from mergekit_core.engine import run_merge
     from mergekit_core.plugins import PluginHost
 
-    sources = sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft"))
-    name, params = SUITE_PARAMS[method] if suite else (method, {})
-    data = {"sources": sources, "base_model": str(pool / "base"), "method": name,
-            "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
-    if params:
-        data["method_params"] = params
-    elif method in ("task_arithmetic", "ties", "dare_ties"):
-        data["method_params"] = {"lambda": 0.3}
-    run_merge(MergeConfig.from_dict(data).to_spec(), PluginHost())
+    run_merge(MergeConfig.from_dict(merge_config(pool, out, method)).to_spec(), PluginHost())
 
 
 def checkpoint_files(model: Path) -> list[Path]:

@@ -118,8 +118,9 @@ def _mapped(fd: int, begin: int, nbytes: int) -> torch.Tensor | None:
     import torch
 
     start = begin - begin % mmap.ALLOCATIONGRANULARITY
-    if begin + nbytes > os.fstat(fd).st_size:
-        raise OSError(f"unexpected end of file: {begin + nbytes} bytes needed, {os.fstat(fd).st_size} present")
+    size = os.fstat(fd).st_size
+    if begin + nbytes > size:
+        raise OSError(f"unexpected end of file: {begin + nbytes} bytes needed, {size} present")
     try:
         mapped = mmap.mmap(fd, nbytes + begin - start, offset=start, access=mmap.ACCESS_COPY)
     except (OSError, ValueError):
