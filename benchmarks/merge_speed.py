@@ -180,7 +180,8 @@ def run_mk_cli(pool: Path, out: Path, method: str) -> None:
     """``mk merge CONFIG`` in a fresh process: what a user runs (its startup and settings included)."""
     config = out.parent / "mk.yaml"  # JSON text: YAML reads it
     config.write_text(json.dumps(merge_config(pool, out, method, suite=True)))
-    subprocess.run([str(Path(sys.executable).parent / "mk"), "merge", str(config), "--force"],
+    # `python -m mergekit_core` runs what the `mk` executable runs, and also an earlier tree's (--head)
+    subprocess.run([sys.executable, "-m", "mergekit_core", "merge", str(config), "--force"],
                    check=True, capture_output=True)
 
 

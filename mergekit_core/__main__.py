@@ -1,3 +1,3 @@
-from mergekit_core.cli import main
+from mergekit_core.cli import console_main
 
-main()
+console_main()

@@ -102,3 +102,22 @@ def test_mk_lets_idle_openmp_threads_sleep_unless_the_user_chose():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[0] == "ACTIVE"
+
+
+def test_the_mk_process_collects_less_often_and_keeps_main_exit_codes():
+    """``python -m mergekit_core`` (what the ``mk`` executable runs) sets the process-wide garbage
+    collector threshold; ``main`` called in a process of someone else's leaves it alone."""
+    from mergekit_core.cli import YOUNG_COLLECTION_THRESHOLD
+
+    code = ("import gc, sys, runpy\n"
+            "sys.argv = ['mk', 'plugins', 'show', 'nope']\n"
+            "try:\n"
+            "    runpy.run_module('mergekit_core', run_name='__main__')\n"
+            "finally:\n"
+            "    print('threshold', gc.get_threshold()[0], file=sys.stderr)\n")
+    proc = _run(code)
+    assert proc.returncode == 2 and f"threshold {YOUNG_COLLECTION_THRESHOLD}" in proc.stderr
+    assert "Error:" in proc.stderr and "Traceback" not in proc.stderr
+    in_process = _run("import gc, sys\nfrom mergekit_core.cli import main\n"
+                      "try:\n    main(['--version'])\nexcept SystemExit as e:\n    print(e.code, gc.get_threshold()[0])\n")
+    assert in_process.stdout.split()[-2:] == ["0", "700"]

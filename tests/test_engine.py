@@ -177,6 +177,45 @@ def test_written_model_has_recipe_dtype_shards_and_bundle(tmp_path, models):
     assert result.run_dir.parent.parent == tmp_path / "artifacts" / "merged" / "uniform" / "ft1_ft2"
 
 
+def test_written_output_equals_the_in_memory_merge_with_a_slow_writer(tmp_path, models, monkeypatch):
+    """The fused path merges into two reused output buffers while the writer thread writes: a writer
+    slower than the merge must still write every tensor as merged (a buffer reused too early would
+    change what is written)."""
+    import time
+
+    from mergekit_core.io.writer import StreamingSafetensorsWriter
+
+    paths, _ = models
+    data = dict(method="task_arithmetic", base_model=str(paths["base"]), method_params={"lambda": 0.7},
+                sources=[str(paths["ft1"]), str(paths["ft2"])])
+    expected, _ = merged_state(tmp_path, **data)
+    original = StreamingSafetensorsWriter.write
+
+    def slow(self, name, tensor):
+        time.sleep(0.02)
+        original(self, name, tensor)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "write", slow)
+    out_dir = tmp_path / "merged"
+    run_merge(spec_of(tmp_path, output={"path": str(out_dir)}, **data), HOST)
+    reader = SafetensorsReader.from_directory(out_dir)
+    assert set(reader.infos()) == set(expected)
+    for name, value in expected.items():
+        assert np.array_equal(reader.get(name).numpy(), value), name
+
+
+def test_output_ring_reuses_two_buffers_in_turn():
+    from mergekit_core.engine.stream import _OutputRing
+
+    ring = _OutputRing()
+    a, b = ring.take(100, torch.bfloat16), ring.take(10, torch.float32)
+    assert (a.dtype, a.numel(), b.dtype, b.numel()) == (torch.bfloat16, 100, torch.float32, 10)
+    again = ring.take(50, torch.float32)  # a's 200 bytes hold it
+    assert again.data_ptr() == a.data_ptr() and again.numel() == 50
+    grown = ring.take(1000, torch.float32)  # b's 40 bytes do not: a larger buffer
+    assert grown.numel() == 1000 and grown.data_ptr() != a.data_ptr()
+
+
 def test_crash_mid_merge_leaves_no_output(tmp_path, models, monkeypatch):
     paths, _ = models
     from mergekit_core.builtin import methods

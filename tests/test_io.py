@@ -72,6 +72,21 @@ def test_streaming_writer_round_trip(tmp_path, max_shard_bytes):
         assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@pytest.mark.parametrize("max_shard_bytes", [10**9, 3 << 20])
+def test_large_tensors_are_hashed_beside_the_write_in_file_order(tmp_path, max_shard_bytes):
+    from mergekit_core.io.writer import PARALLEL_HASH_BYTES
+
+    g = torch.Generator().manual_seed(1)
+    sizes = [PARALLEL_HASH_BYTES // 4 + 3, PARALLEL_HASH_BYTES, 7, 2 * PARALLEL_HASH_BYTES // 4 + 1, 5]
+    tensors = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}  # float32: 4 bytes each
+    hashes = _write(tmp_path, tensors, max_shard_bytes)
+    assert len(hashes) == (1 if max_shard_bytes > 10**8 else 4)  # shards (and the index) when sharded
+    for name, digest in hashes.items():
+        assert sha256_file(tmp_path / name) == digest, name
+    reader = open_checkpoint(tmp_path, HOST)
+    assert all(torch.equal(reader.get(n), t) for n, t in tensors.items())
+
+
 def test_writer_refuses_out_of_plan_tensors(tmp_path):
     writer = StreamingSafetensorsWriter(tmp_path, [TensorInfo("a", (2,), "F32"), TensorInfo("b", (2,), "F32")])
     with pytest.raises(Exception, match="expected tensor 'a'"):

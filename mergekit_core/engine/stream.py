@@ -6,6 +6,7 @@ model. Output goes to a :class:`StreamingSafetensorsWriter`, or into a dict for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -103,8 +104,6 @@ def finite_by_norms(merged: Merged, computed: torch.dtype, written: torch.dtype)
     output dtype whose largest value is above it (bfloat16 and float32 from float32; not float16).
     Saves a pass over every written tensor, on the fused path and the method path alike.
     """
-    import math
-
     import torch
 
     bound = 2 * math.sqrt(torch.finfo(computed).max)
@@ -138,6 +137,30 @@ class _BackgroundSink:
         self.pool.shutdown()
 
 
+class _OutputRing:
+    """Two output buffers reused in turn, for the fused path under ``background_writes``: the
+    writer thread writes from one while the next tensor is merged into the other. The buffer
+    taken now was last handed to the sink at least one sink call ago, and that call waited for
+    its write (one write in flight), so it is free. Saves the page faults and zeroing of a new
+    buffer per tensor (the output's size in fresh memory per merge); holds twice the largest
+    output tensor."""
+
+    def __init__(self) -> None:
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.turn = 0
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        nbytes = numel * dtype.itemsize
+        buffer = self.buffers[self.turn]
+        if buffer is None or buffer.numel() < nbytes:
+            self.buffers[self.turn] = None  # free the smaller one before the larger is made
+            buffer = self.buffers[self.turn] = torch.empty(nbytes, dtype=torch.uint8)
+        self.turn ^= 1
+        return buffer[:nbytes].view(dtype)
+
+
 def stream_merge(
     merger: TensorMerger,
     sink: Callable[[str, torch.Tensor], None],
@@ -153,7 +176,7 @@ def stream_merge(
         return _stream(merger, sink, planned, progress)
     writer = _BackgroundSink(sink)
     try:
-        report = _stream(merger, writer, planned, progress)
+        report = _stream(merger, writer, planned, progress, _OutputRing())
         writer.drain()
     finally:
         writer.close()
@@ -161,7 +184,7 @@ def stream_merge(
 
 
 def _stream(merger: TensorMerger, sink: Callable[[str, torch.Tensor], None], planned: list[TensorInfo],
-            progress: Progress | None) -> StreamReport:
+            progress: Progress | None, ring: _OutputRing | None = None) -> StreamReport:
     report = StreamReport()
     todo = [t for t in merger.plan.tensors if t.action != "drop"]
     report.dropped = len(merger.plan.tensors) - len(todo)
@@ -172,7 +195,8 @@ def _stream(merger: TensorMerger, sink: Callable[[str, torch.Tensor], None], pla
         target = torch_dtype(infos[t.name].dtype)
         if t.action == "merge":
             if merger.can_fuse(t):
-                merged = merger.fused(t, loaded, target)
+                out = ring.take(math.prod(t.shape), target) if ring is not None else None
+                merged = merger.fused(t, loaded, target, out)
                 out = merged.tensor
                 computed = None
             else:

@@ -3,7 +3,7 @@
 Every output tensor's name, shape and dtype is known before the first byte is written, so each
 shard's header is written first and its tensors are streamed after it, one at a time, in the
 planned order. Peak memory is one tensor, whatever the shard size. Files are hashed (sha256) as
-they are written.
+they are written: a large tensor's bytes on a hashing thread while the calling thread writes them.
 
 :class:`~mergekit_core.io.destination.AtomicDirectory` (re-exported here) writes into a temporary
 directory beside the destination and swaps it into place at the end; on failure the destination
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -29,6 +30,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
+PARALLEL_HASH_BYTES = 1 << 20
+"""Tensors of this size and larger are hashed on a second thread while they are written: sha256
+runs at about 1.8 GB/s a core (SHA extensions), as slow as the copy into the page cache, and both
+calls release the GIL."""
 COPIED_MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
@@ -112,6 +117,7 @@ class StreamingSafetensorsWriter:
         self._shard_index = -1
         self._open: _OpenShard | None = None
         self.hashes: dict[str, str] = {}
+        self._hasher: ThreadPoolExecutor | None = None
 
     def _start_shard(self) -> None:
         self._shard_index += 1
@@ -142,13 +148,27 @@ class StreamingSafetensorsWriter:
             self._start_shard()
         assert self._open is not None
         if info.nbytes:
-            data = tensor.detach().contiguous().reshape(-1).view(dtype=_uint8()).numpy()
-            self._open.file.write(memoryview(data))
-            self._open.digest.update(memoryview(data))
+            data = memoryview(tensor.detach().contiguous().reshape(-1).view(dtype=_uint8()).numpy())
+            self._write_and_hash(data)
         self._open.remaining.pop(0)
         self._next += 1
         if not self._open.remaining:
             self._close_shard()
+
+    def _write_and_hash(self, data: memoryview) -> None:
+        """Write ``data`` to the open shard and add it to the shard's digest, in file order."""
+        assert self._open is not None
+        if data.nbytes < PARALLEL_HASH_BYTES:
+            self._open.file.write(data)
+            self._open.digest.update(data)
+            return
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mk-hash")
+        hashed = self._hasher.submit(self._open.digest.update, data)
+        try:
+            self._open.file.write(data)
+        finally:
+            hashed.result()  # the digest is never left mid-update, even when the write failed
 
     def _close_shard(self) -> None:
         assert self._open is not None
@@ -175,12 +195,19 @@ class StreamingSafetensorsWriter:
             path = self.directory / self.index_name
             path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             self.hashes[path.name] = sha256_file(path)
+        self._stop_hasher()
         return dict(self.hashes)
 
     def abort(self) -> None:
         if self._open is not None:
             self._open.file.close()
             self._open = None
+        self._stop_hasher()
+
+    def _stop_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.shutdown()
+            self._hasher = None
 
 
 def _uint8() -> torch.dtype:
