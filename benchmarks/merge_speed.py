@@ -27,6 +27,9 @@ of ``--repeats``:
 - ``suite-<method>``: ``mk merge`` of this tree in a fresh process, and, with ``--head DIR`` (a
   copy of an earlier tree's ``mergekit_core`` and ``mk_ties``, e.g. from ``git archive``),
   ``head-<method>``: the same command before a change, in the same run;
+- ``inproc-task_arithmetic``: the same merge by ``run_merge`` in a process that imported torch and
+  mk before the clock started (the merge alone, as the floor is timed), and ``import-torch``: a
+  fresh ``python -c 'import torch'`` (most of what a fresh ``mk merge`` pays before it reads);
 - ``ideal-<method>-passive`` with ``--passive-loop``: the loop with ``OMP_WAIT_POLICY=PASSIVE``,
   the OpenMP setting ``mk`` chooses for itself;
 - ``mergekit-<method>`` with ``--peer``: mergekit's ``mergekit-yaml`` on the same inputs
@@ -250,8 +253,14 @@ def child(kind: str, pool: Path, out: Path) -> None:
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    if kind.startswith("inproc-"):  # the merge alone: torch and mk imported before the clock starts
+        import mergekit_core.config
+        import mergekit_core.engine
+        import mergekit_core.plugins  # noqa: F401
     start = time.perf_counter()
-    if kind.startswith("loop-"):
+    if kind == "import-torch":  # the fixed cost a fresh `mk merge` pays before it reads a byte
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    elif kind.startswith("loop-"):
         method = kind.removeprefix("loop-")
         run_loop(pool, out, method.removesuffix("-durable"), durable=method.endswith("-durable"))
     elif kind == "floor":
@@ -263,7 +272,7 @@ def child(kind: str, pool: Path, out: Path) -> None:
     elif kind.startswith(("suite-", "head-")):
         run_mk_cli(pool, out, kind.split("-", 1)[1])
     else:
-        run_mk(pool, out, kind.removeprefix("mk-"))
+        run_mk(pool, out, kind.removeprefix("mk-").removeprefix("inproc-"))
     wall = time.perf_counter() - start
     rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
@@ -273,7 +282,7 @@ def child(kind: str, pool: Path, out: Path) -> None:
 
 def measure(kind: str, pool: Path, scratch: Path, head: str | None = None) -> dict:
     env = dict(os.environ)
-    if kind.endswith("-passive"):
+    if kind.endswith("-passive") or kind.startswith("inproc-"):  # inproc: as `mk` sets it
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     if kind.startswith("head-"):  # the earlier tree's packages first on the path
         env["PYTHONPATH"] = head + os.pathsep + env.get("PYTHONPATH", "")
@@ -386,7 +395,8 @@ def main() -> None:
 
 
 SUITE_RATIOS = [  # (row, compared with): the issue's targets
-    ("suite-task_arithmetic", "floor"), ("suite-task_arithmetic", "ideal-task_arithmetic"),
+    ("suite-task_arithmetic", "floor"), ("inproc-task_arithmetic", "floor"),
+    ("suite-task_arithmetic", "ideal-task_arithmetic"),
     ("suite-ties", "ideal-ties"), ("suite-dare_ties", "ideal-dare_ties"), ("suite-ties_model", "suite-ties"),
     ("suite-ties", "ideal-ties-passive"), ("suite-dare_ties", "ideal-dare_ties-passive"),
     ("suite-ties", "head-ties"), ("suite-ties_model", "head-ties_model"), ("suite-dare_ties", "head-dare_ties"),
@@ -404,6 +414,8 @@ def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool,
     ``mk merge`` in a fresh process, as the loop and mergekit do."""
     kinds = ["floor"]
     for method in methods:
+        if method == "task_arithmetic":  # the merge without the process start, and that start
+            kinds += ["inproc-task_arithmetic", "import-torch"]
         kinds.append(f"ideal-{method}")
         if passive_loop and method != "task_arithmetic":
             kinds.append(f"ideal-{method}-passive")

@@ -332,3 +332,22 @@ def test_background_writes_keep_order_and_report_the_sink_error(tmp_path):
         writer("next", torch.zeros(1))
     writer.close()
     assert [n for n, _ in seen] == [f"t{i}" for i in range(5)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is a Linux call")
+def test_start_writeback_asks_the_kernel_and_never_raises(tmp_path):
+    from mergekit_core.io.writeback import start_writeback
+
+    path = tmp_path / "f.bin"
+    with path.open("wb") as f:
+        f.write(b"x" * 10_000)
+        f.flush()
+        assert start_writeback(f.fileno(), 0, 10_000)
+        assert not start_writeback(f.fileno(), 0, 0)
+    read_end, write_end = os.pipe()
+    try:
+        assert not start_writeback(write_end, 0, 10)  # a pipe has no pages to write back
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert path.read_bytes() == b"x" * 10_000

@@ -3,7 +3,9 @@
 Every output tensor's name, shape and dtype is known before the first byte is written, so each
 shard's header is written first and its tensors are streamed after it, one at a time, in the
 planned order. Peak memory is one tensor, whatever the shard size. Files are hashed (sha256) as
-they are written: a large tensor's bytes on a hashing thread while the calling thread writes them.
+they are written: a large tensor's bytes on a hashing thread while the calling thread writes them;
+and each large tensor's bytes are handed to the kernel's writeback at once
+(:mod:`~mergekit_core.io.writeback`), so the final fsync does not wait for the whole file.
 
 :class:`~mergekit_core.io.destination.AtomicDirectory` (re-exported here) writes into a temporary
 directory beside the destination and swaps it into place at the end; on failure the destination
@@ -25,6 +27,7 @@ from typing import IO, TYPE_CHECKING
 from mergekit_core.errors import FormatError, MergekitError
 from mergekit_core.io.destination import AtomicDirectory, default_mode  # noqa: F401  (re-exported)
 from mergekit_core.io.safetensors_header import TensorInfo
+from mergekit_core.io.writeback import start_writeback
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -85,6 +88,10 @@ class _OpenShard:
     file: IO[bytes]
     digest: hashlib._Hash
     remaining: list[TensorInfo]
+    written: int = 0
+    """Bytes written to the file so far."""
+    flushed_to_disk: int = 0
+    """Bytes before this offset have been handed to the kernel's writeback (``start_writeback``)."""
 
 
 class StreamingSafetensorsWriter:
@@ -128,7 +135,7 @@ class StreamingSafetensorsWriter:
         header = _header_bytes(infos, self.metadata)
         f.write(header)
         digest.update(header)
-        self._open = _OpenShard(path, f, digest, list(infos))
+        self._open = _OpenShard(path, f, digest, list(infos), written=len(header))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor; it must match the plan's name, shape and dtype."""
@@ -157,18 +164,23 @@ class StreamingSafetensorsWriter:
 
     def _write_and_hash(self, data: memoryview) -> None:
         """Write ``data`` to the open shard and add it to the shard's digest, in file order."""
-        assert self._open is not None
+        shard = self._open
+        assert shard is not None
+        shard.written += data.nbytes
         if data.nbytes < PARALLEL_HASH_BYTES:
-            self._open.file.write(data)
-            self._open.digest.update(data)
+            shard.file.write(data)
+            shard.digest.update(data)
             return
         if self._hasher is None:
             self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mk-hash")
-        hashed = self._hasher.submit(self._open.digest.update, data)
+        hashed = self._hasher.submit(shard.digest.update, data)
         try:
-            self._open.file.write(data)
+            shard.file.write(data)
         finally:
             hashed.result()  # the digest is never left mid-update, even when the write failed
+        shard.file.flush()  # the smaller tensors before it too: all of it in the kernel's hands
+        start_writeback(shard.file.fileno(), shard.flushed_to_disk, shard.written - shard.flushed_to_disk)
+        shard.flushed_to_disk = shard.written
 
     def _close_shard(self) -> None:
         assert self._open is not None
