@@ -216,6 +216,7 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, pool):
         assert done.returncode == 1, done.stderr
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert lines[0].startswith("Error: ") and "No space left on device" in lines[0], done.stderr
+        assert f"Error: {small}/" in lines[0], "the line names the file that could not be written"
         assert len(lines) <= 2 and "Traceback" not in done.stderr and "free disk space" in done.stderr
         assert list(small.iterdir()) == [], "a partial output or temporary was left on the full disk"
         assert not list((tmp_path / "art").rglob("run_*"))
@@ -261,5 +262,36 @@ def test_an_injected_enospc_gives_one_line_and_leaves_nothing(tmp_path, pool):
     assert done.returncode == 1
     assert done.stderr.startswith("Error: ") and "No space left on device" in done.stderr
     assert "Traceback" not in done.stderr
+    assert not out.exists() and _leftovers(tmp_path) == []
+    assert not list((tmp_path / "art").rglob("run_*"))
+
+
+SIGTERM_RUNNER = """
+import os, signal, sys, time
+from mergekit_core.io import writer
+
+real_write = writer.StreamingSafetensorsWriter.write
+
+def write(self, name, tensor):
+    real_write(self, name, tensor)
+    if self._next == 2:  # the merge is under way: stopped as a scheduler stops a job
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)
+
+writer.StreamingSafetensorsWriter.write = write
+from mergekit_core.cli import console_main
+console_main()
+"""
+
+
+def test_sigterm_during_mk_merge_stops_cleanly(tmp_path, pool):
+    """SIGTERM (not SIGKILL) lets mk clean up as Ctrl-C does: one line, status 143, no output, no
+    hidden temporary, no run bundle."""
+    out = tmp_path / "merged"
+    done = _run(SIGTERM_RUNNER, ["merge", "--method", "task_arithmetic", "--lambda", "0.3", "--base", str(pool["base"]),
+                                 "--sources", str(pool["ft1"]), str(pool["ft2"]), "--out", str(out),
+                                 "--output-dir", str(tmp_path / "art")], tmp_path)
+    assert done.returncode == 143, done.stderr
+    assert done.stderr.strip() == "Terminated." and "Traceback" not in done.stderr
     assert not out.exists() and _leftovers(tmp_path) == []
     assert not list((tmp_path / "art").rglob("run_*"))

@@ -218,6 +218,9 @@ def test_fp16_overflow_of_the_merge_is_an_error_not_an_inf(tmp_path):
     assert written.exit_code == 0, written.stderr
     summary = json.loads(written.stdout)
     assert any("model.norm.weight" in w for w in summary["warnings"])
+    assert "warning: " in written.stderr and "model.norm.weight" in written.stderr  # for the person too
+    quiet = run_mk([*args, "--out", str(tmp_path / "out"), "--allow-nonfinite", "--quiet", "--force"], host=HOST)
+    assert quiet.stdout == "" and "model.norm.weight" in quiet.stderr
     meta = json.loads((Path(summary["run_dir"]) / "merge_metadata.json").read_text())
     assert meta["report"]["nonfinite_written"] == {"model.norm.weight": 16}
     assert torch.isinf(load_file(tmp_path / "out" / "model.safetensors")["model.norm.weight"]).all()

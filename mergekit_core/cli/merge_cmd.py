@@ -378,6 +378,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         }
         if spec.optimizer.name != "none":
             summary["optimizer"] = result.metadata["optimizer"]
+        for w in summary["warnings"]:  # on stderr in every mode: what was written needs a look
+            typer.echo(f"warning: {w}", err=True)
         if as_json:
             typer.echo(json.dumps(summary, indent=2))
             return
@@ -400,8 +402,6 @@ def register(app: typer.Typer, host: PluginHost) -> None:
             lines.append(f"optimizer {spec.optimizer.name}: {learned['summary']}")
         lines.append(f"{result.output_kind}: {summary['output']}")
         lines.append(f"run bundle: {summary['run_dir']}")
-        for w in summary["warnings"]:
-            lines.append(f"warning: {w}")
         typer.echo("\n".join(lines))
         if evaluation is not None:
             print_eval(evaluation)

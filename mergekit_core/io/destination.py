@@ -32,7 +32,8 @@ import re
 import secrets
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mergekit_core.errors import UsageError
@@ -249,6 +250,19 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+@contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """An ``OSError`` raised inside without a file name (a failed ``write``, ``flush`` or
+    ``fsync`` on an open file: a full disk, an I/O error) is re-raised naming ``path``, so the
+    one-line error says which file."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = str(path)
+        raise
+
+
 def _settle_tree(root: Path) -> None:
     """Give every new file and folder under ``root`` the umask's permissions (some writers, such
     as safetensors' ``save_file``, create files 0600) and flush them to disk."""
@@ -262,8 +276,9 @@ def _settle_tree(root: Path) -> None:
                 continue
             fd = os.open(path, os.O_RDONLY)
             try:
-                os.fchmod(fd, file_mode)
-                os.fsync(fd)
+                with naming(path):
+                    os.fchmod(fd, file_mode)
+                    os.fsync(fd)
             finally:
                 os.close(fd)
         _fsync_dir(Path(folder))

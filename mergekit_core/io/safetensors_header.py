@@ -81,15 +81,19 @@ def _entry(path: Path, name: str, entry: object, data_len: int) -> tuple[TensorI
         raise bad(f"data_offsets must be [begin, end] in bytes, got {_short(offsets)}")
     begin, end = offsets
     nbytes = 0 if 0 in shape else DTYPE_SIZES[dtype]
-    for d in shape:
+    exact = True
+    for i, d in enumerate(shape):
         nbytes *= d
         if nbytes > data_len:  # stop before multiplying absurd dimensions out
+            exact = i == len(shape) - 1
             break
     if not (begin <= end <= data_len) or end - begin != nbytes:
-        raise FormatError(
-            f"{path}: tensor {name!r} claims bytes {begin}..{end} for shape {_short(shape)} {dtype}, "
-            f"but the data section has {data_len} bytes; the file is truncated or its header is wrong"
-        )
+        needs = f"{nbytes} bytes" if exact else f"more than the whole data section ({data_len} bytes)"
+        if begin <= end and end - begin == nbytes:  # the right size, past the end: cut short
+            why = f"but the data section has {data_len} bytes; the file is truncated (download or save it again)"
+        else:
+            why = f"but shape {_short(shape)} {dtype} needs {needs}; the header is wrong"
+        raise FormatError(f"{path}: tensor {name!r} claims bytes {begin}..{end} ({end - begin} bytes), {why}")
     return TensorInfo(name, tuple(shape), dtype), begin, end
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from mergekit_core.errors import FormatError, MergekitError
-from mergekit_core.io.destination import AtomicDirectory, default_mode  # noqa: F401  (re-exported)
+from mergekit_core.io.destination import AtomicDirectory, default_mode, naming  # noqa: F401  (re-exported)
 from mergekit_core.io.safetensors_header import TensorInfo
 from mergekit_core.io.writeback import start_writeback
 
@@ -133,9 +133,11 @@ class StreamingSafetensorsWriter:
         f = path.open("wb")
         digest = hashlib.sha256()
         header = _header_bytes(infos, self.metadata)
-        f.write(header)
+        self._open = _OpenShard(path, f, digest, list(infos))
+        with naming(path):
+            f.write(header)
         digest.update(header)
-        self._open = _OpenShard(path, f, digest, list(infos), written=len(header))
+        self._open.written = len(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor; it must match the plan's name, shape and dtype."""
@@ -156,7 +158,8 @@ class StreamingSafetensorsWriter:
         assert self._open is not None
         if info.nbytes:
             data = memoryview(tensor.detach().contiguous().reshape(-1).view(dtype=_uint8()).numpy())
-            self._write_and_hash(data)
+            with naming(self._open.path):
+                self._write_and_hash(data)
         self._open.remaining.pop(0)
         self._next += 1
         if not self._open.remaining:
@@ -184,7 +187,8 @@ class StreamingSafetensorsWriter:
 
     def _close_shard(self) -> None:
         assert self._open is not None
-        self._open.file.close()
+        with naming(self._open.path):
+            self._open.file.close()
         self.hashes[self._open.path.name] = self._open.digest.hexdigest()
         self._open = None
 
@@ -211,8 +215,13 @@ class StreamingSafetensorsWriter:
         return dict(self.hashes)
 
     def abort(self) -> None:
+        """Close what is open after a failure; the caller discards the files, so a failing flush
+        (a full disk) is not raised again over the error that ended the write."""
         if self._open is not None:
-            self._open.file.close()
+            try:
+                self._open.file.close()
+            except OSError:
+                pass
             self._open = None
         self._stop_hasher()
 
