@@ -35,7 +35,8 @@ of ``--repeats``:
 - ``mergekit-<method>`` with ``--peer``: mergekit's ``mergekit-yaml`` on the same inputs
   (``--peer-repeats N``: in the first N repetitions only; its TIES takes minutes).
 
-TIES is timed with mergekit's conventions on both sides (k = 20% per tensor, weighted election,
+Each row has the median wall time, peak RSS and ``cpu_s`` (user + system CPU seconds, child
+processes included: the work done, whatever overlapped). TIES is timed with mergekit's conventions on both sides (k = 20% per tensor, weighted election,
 weighted mean), DARE-TIES with density 0.2, L1 rescale and a plain sum; ``ties_model`` is mk's
 default ``trim_scope: model``.
 """
@@ -257,6 +258,8 @@ def child(kind: str, pool: Path, out: Path) -> None:
         import mergekit_core.config
         import mergekit_core.engine
         import mergekit_core.plugins  # noqa: F401
+    cpu_before = sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                       resource.getrusage(resource.RUSAGE_CHILDREN)))
     start = time.perf_counter()
     if kind == "import-torch":  # the fixed cost a fresh `mk merge` pays before it reads a byte
         subprocess.run([sys.executable, "-c", "import torch"], check=True)
@@ -274,9 +277,10 @@ def child(kind: str, pool: Path, out: Path) -> None:
     else:
         run_mk(pool, out, kind.removeprefix("mk-").removeprefix("inproc-"))
     wall = time.perf_counter() - start
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-              resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    print(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    rss = max(u.ru_maxrss for u in usage) / 1024
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage) - cpu_before
+    print(json.dumps({"wall_s": wall, "peak_rss_mb": rss, "cpu_s": cpu}))
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -437,6 +441,7 @@ def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool,
     nbytes = input_bytes(pool)
     rows = {k: {"wall_s": round(statistics.median(x["wall_s"] for x in v), 2),
                 "walls_s": [round(x["wall_s"], 2) for x in v],
+                "cpu_s": round(statistics.median(x["cpu_s"] for x in v), 2),
                 "peak_rss_mb": round(statistics.median(x["peak_rss_mb"] for x in v), 1)} for k, v in runs.items()}
     ratios = {f"{a} / {b}": round(rows[a]["wall_s"] / rows[b]["wall_s"], 2)
               for a, b in SUITE_RATIOS if a in rows and b in rows}

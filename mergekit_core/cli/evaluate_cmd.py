@@ -148,6 +148,8 @@ def register(app: typer.Typer, host: PluginHost) -> None:
         show = not as_json and sys.stderr.isatty()
         result = run_sweep(load_merge_config(config), host, resume=resume,
                            progress=SweepProgress() if show else None)
+        for warning in result.get("warnings") or []:  # the search strategy's (Search.finish)
+            typer.echo(f"warning: {warning}", err=True)
         if as_json:
             typer.echo(json.dumps(result, indent=2, default=str))
             return

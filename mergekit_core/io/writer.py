@@ -90,7 +90,7 @@ class _OpenShard:
     remaining: list[TensorInfo]
     written: int = 0
     """Bytes written to the file so far."""
-    flushed_to_disk: int = 0
+    handed_to_writeback: int = 0
     """Bytes before this offset have been handed to the kernel's writeback (``start_writeback``)."""
 
 
@@ -182,8 +182,8 @@ class StreamingSafetensorsWriter:
         finally:
             hashed.result()  # the digest is never left mid-update, even when the write failed
         shard.file.flush()  # the smaller tensors before it too: all of it in the kernel's hands
-        start_writeback(shard.file.fileno(), shard.flushed_to_disk, shard.written - shard.flushed_to_disk)
-        shard.flushed_to_disk = shard.written
+        start_writeback(shard.file.fileno(), shard.handed_to_writeback, shard.written - shard.handed_to_writeback)
+        shard.handed_to_writeback = shard.written
 
     def _close_shard(self) -> None:
         assert self._open is not None

@@ -129,6 +129,10 @@ class BayesSearch(Search):
                                            "space_exhausted": self.exhausted}}
         if self.warm_start is not None:
             extra["warm_start"] = self.warm_start.to_json()
+        if self.exhausted and len(self.proposed) < self.budget:
+            extra["warnings"] = [f"the search stopped after {len(self.proposed)} of its budget of {self.budget} "
+                                 "points: the space has no other distinct point (int and categorical "
+                                 "dimensions, values rounded to 6 digits)"]
         from mk_bayes_sweep.plot import plot_search
 
         png = plot_search(self, result, stem.with_suffix(".png"))

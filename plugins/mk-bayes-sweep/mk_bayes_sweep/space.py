@@ -159,8 +159,8 @@ def point_key(point: Mapping[str, Any]) -> str:
 
 def _number(where: str, spec: Mapping[str, Any], name: str) -> float:
     value = spec.get(name)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConfigError(f"{where}: '{name}' must be a number, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{where}: '{name}' must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -62,6 +62,9 @@ def test_bayes_optimizer_without_an_evaluator_or_with_a_bad_key_is_one_line(swee
     path.write_text(yaml.safe_dump(merge_config(sweep_config, budget=2, init_points=4)))
     result = run_mk(["merge", str(path), "--out", str(tmp_path / "m3")], host=host)
     assert result.exit_code == 2 and "budget 2 is below init_points 4" in result.stderr
+    path.write_text(yaml.safe_dump(merge_config(sweep_config, max=float("nan"))))
+    result = run_mk(["merge", str(path), "--out", str(tmp_path / "m4")], host=host)
+    assert result.exit_code == 2 and "parameter 'max' must be a finite number, got nan" in result.stderr
     assert "Traceback" not in result.stderr and not toy.CALLS.get("ft9")
 
 

@@ -159,6 +159,8 @@ BAD = [
     ({"space": {}}, "give the space to search"),
     ({"space": {"lambda": {"type": "float", "min": 1.0, "max": 0.0}}}, "search.space.lambda: min 1 is greater than max 0"),
     ({"space": {"lamda": {"type": "float", "min": 0.0, "max": 1.0}}}, "did you mean 'lambda'"),
+    ({"space": {"lambda": {"type": "float", "min": float("nan"), "max": 1.0}}},
+     "search.space.lambda: 'min' must be a finite number, got nan"),
     ({"budget": 3, "init_points": 5}, "budget 3 is below init_points 5"),
     ({"warm_start_sweeps": "{missing}"}, "no such file or directory"),
     ({"warm_start_sweeps": "{garbage}"}, "is not JSON"),
@@ -222,3 +224,15 @@ def test_resume_with_a_larger_budget_goes_on_from_the_same_journal(sweep_config,
     data["output_dir"] = str(tmp_path / "straight")
     straight = run_sweep(MergeConfig.from_dict(data), host)
     assert [p["point"] for p in straight["points"]] == points  # as if it had run with 6 from the start
+
+
+def test_a_space_with_fewer_points_than_the_budget_says_so(sweep_config, host, tmp_path):
+    data = sweep_config()
+    data["search"].update(budget=8, init_points=2,
+                          space={"lambda": {"type": "categorical", "choices": [0.2, 0.5, 0.8]}})
+    result = run_mk(["sweep", str(write(tmp_path, data))], host=host)
+    assert result.exit_code == 0, result.stderr
+    assert "warning: the search stopped after 3 of its budget of 8 points" in result.stderr
+    summary = json.loads(Path(result.stdout.split("results: ")[1].split()[0]).read_text())
+    assert summary["bayes"]["space_exhausted"] and len(summary["points"]) == 3
+    assert summary["warnings"] == [result.stderr.split("warning: ")[1].strip()]

@@ -3,7 +3,9 @@
 ``kth_largest(a, m)`` histograms the values into 32768 buckets given by the top bits of their
 float32 pattern (non-negative floats sort like their bit patterns), finds the bucket that holds
 the m-th largest from the counts, and runs ``torch.kthvalue`` inside that one bucket: exact, and
-a few cheap passes instead of a sort (or a full ``kthvalue``, 5x slower here).
+a few cheap passes instead of a sort (or a full ``kthvalue``, 5x slower here). Rounding to
+float32 never reverses an order, so float64 values are bucketed the same way; inside the bucket
+they are ranked as float64.
 
 ``top_mask(a, m)`` keeps exactly ``m`` entries: those above the m-th largest value, then, among
 entries equal to it, the lowest indices. A ``>=`` threshold would keep every tied entry (too
@@ -55,11 +57,17 @@ def kth_in(values: torch.Tensor, rank: int) -> float:
     return float(torch.kthvalue(values, values.numel() - rank + 1).values)
 
 
+def ranked(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in a dtype that orders them exactly: float64 as it is (float32 would merge
+    neighbours), anything narrower as float32 (exact for bf16 and fp16)."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
 def kth_largest(a: torch.Tensor, m: int) -> float:
     """The m-th largest entry of the non-negative 1-D tensor ``a`` (1 <= m <= a.numel())."""
     buckets = magnitude_bucket(a)
     bucket, rank = locate(torch.bincount(buckets, minlength=BUCKETS).cpu(), m)
-    return kth_in(a.float()[buckets == bucket], rank)
+    return kth_in(ranked(a)[buckets == bucket], rank)
 
 
 def top_mask(a: torch.Tensor, m: int) -> torch.Tensor:
@@ -113,7 +121,7 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
 
     where = torch.cat(map_slices(gather, spans, x.device, name="mk-ties-select"))
     members = x[where].abs() if magnitudes else x[where]
-    threshold = kth_in(members.float(), rank)
+    threshold = kth_in(ranked(members), rank)
     if finite:
         mask[where[members > threshold]] = True
     else:  # NaN sits in the highest buckets yet is not above any threshold: compare every value

@@ -102,6 +102,21 @@ def test_ties_edge_cases():
     np.testing.assert_allclose(positive.numpy(), a)
 
 
+def test_float64_magnitudes_that_float32_cannot_tell_apart_are_ranked_exactly():
+    """compute_dtype float64: distinct float64 values in one float32 bucket (or rounding to one
+    float32 value) must still be ranked by their float64 value."""
+    from mk_ties.select import kth_largest, top_magnitude_mask
+
+    g = torch.Generator().manual_seed(3)
+    a = 1.0 + torch.randperm(2000, generator=g).double() * 1e-13  # all round to 1.0 in float32
+    a[::7] = torch.rand(a[::7].shape, generator=g, dtype=torch.float64)
+    for m in (1, 5, 600, 1999):
+        np.testing.assert_array_equal(top_mask(a, m).numpy(), np_top_mask(a.numpy(), m), err_msg=f"m={m}")
+        signed = torch.where(torch.arange(a.numel()) % 2 == 0, a, -a)
+        np.testing.assert_array_equal(top_magnitude_mask(signed, m).numpy(), np_top_mask(a.numpy(), m))
+        assert kth_largest(a, m) == float(np.sort(a.numpy())[::-1][m - 1])
+
+
 def test_exactly_k_percent_is_kept_when_magnitudes_tie():
     a = torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0, 0.5, 2.0, 3.0, 0.0, 0.0])
     mask = top_mask(a.abs(), keep_count(0.3, a.numel()))
