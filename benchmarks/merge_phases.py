@@ -9,6 +9,10 @@ time waiting for it; the same for "write (writer thread)" and "wait for write". 
 finiteness checks, norms, plan and bookkeeping.
 
     python benchmarks/merge_phases.py --pool DIR --method ties --trim-scope tensor --out /tmp/x/out
+
+``--trees this,OLD --repeats 5`` runs the same merge in fresh processes, alternating this tree
+with an earlier one (``OLD``: a folder holding its ``mergekit_core`` and ``mk_ties``, put first on
+the import path), and prints the medians of wall time, CPU seconds and phases for each.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ def instrument() -> None:
     timed(merger.TensorMerger, "fused", "fused linear (deltas, sum, cast)")
     timed(writer.StreamingSafetensorsWriter, "write", "write (writer thread)")
     timed(writer.StreamingSafetensorsWriter, "close", "write (writer thread)")
+    from mergekit_core.io import destination
+
+    timed(destination, "_settle_tree", "flush to disk (fsync before publishing)")
     if hasattr(stream, "_BackgroundSink"):
         timed(stream._BackgroundSink, "drain", "wait for write")
     original = stream._prefetched
@@ -105,7 +112,12 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output folder (deleted before and after)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--params", help="method parameters as JSON (default: lambda 0.3 and --trim-scope)")
+    parser.add_argument("--trees", help="comma-separated: 'this' and folders of earlier trees, run alternately")
+    parser.add_argument("--repeats", type=int, default=5, help="with --trees: runs of each")
     args = parser.parse_args()
+    if args.trees:
+        compare_trees(args)
+        return
     import torch
 
     if args.threads:
@@ -123,16 +135,49 @@ def main() -> None:
     data = {"sources": sorted(str(p) for p in pool.iterdir() if p.name.startswith("ft")),
             "base_model": str(pool / "base"), "method": args.method, "method_params": params,
             "output": {"path": str(out), "shard_size": "500MB"}, "output_dir": str(out.parent / "bundles")}
+    spec, host = MergeConfig.from_dict(data).to_spec(), PluginHost()
+    cpu = time.process_time()
     start = time.perf_counter()
-    run_merge(MergeConfig.from_dict(data).to_spec(), PluginHost())
+    run_merge(spec, host)
     wall = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     shutil.rmtree(out, ignore_errors=True)
     main_thread = sum(v for k, v in TIMES.items()
                       if "thread)" not in k and not k.startswith(PREPARE + ":"))
     phases = {k: round(v, 2) for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])}
     phases["other (cast, checks, norms, plan)"] = round(wall - main_thread, 2)
     print(json.dumps({"method": args.method, "trim_scope": args.trim_scope if args.method == "ties" else None,
-                      "wall_s": round(wall, 2), "phases_s": phases}, indent=1))
+                      "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "phases_s": phases}, indent=1))
+
+
+def compare_trees(args: argparse.Namespace) -> None:
+    """This script once per tree and repetition, in fresh processes, alternating; medians."""
+    import os
+    import statistics
+    import subprocess
+    import sys
+
+    trees = args.trees.split(",")
+    forwarded = ["--pool", args.pool, "--method", args.method, "--trim-scope", args.trim_scope, "--out", args.out,
+                 "--threads", str(args.threads)] + (["--params", args.params] if args.params else [])
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in trees}
+    for _ in range(args.repeats):
+        for tree in trees:
+            env = dict(os.environ)
+            if tree != "this":
+                env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
+            done = subprocess.run([sys.executable, __file__, *forwarded], env=env, capture_output=True,
+                                  text=True, check=True)
+            runs[tree].append(json.loads(done.stdout))
+    summary = {}
+    for tree, results in runs.items():
+        phases = {k for r in results for k in r["phases_s"]}
+        summary[tree] = {"wall_s": statistics.median(r["wall_s"] for r in results),
+                         "walls_s": [r["wall_s"] for r in results],
+                         "cpu_s": statistics.median(r["cpu_s"] for r in results),
+                         "phases_s": {k: statistics.median(r["phases_s"].get(k, 0.0) for r in results)
+                                      for k in sorted(phases)}}
+    print(json.dumps({"method": args.method, "repeats": args.repeats, "trees": summary}, indent=1))
 
 
 if __name__ == "__main__":
