@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import shutil
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -147,7 +148,8 @@ def main() -> None:
     phases = {k: round(v, 2) for k, v in sorted(TIMES.items(), key=lambda kv: -kv[1])}
     phases["other (cast, checks, norms, plan)"] = round(wall - main_thread, 2)
     print(json.dumps({"method": args.method, "trim_scope": args.trim_scope if args.method == "ties" else None,
-                      "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "phases_s": phases}, indent=1))
+                      "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "phases_s": phases,
+                      "mergekit_core": str(Path(sys.modules["mergekit_core"].__file__).parent)}, indent=1))
 
 
 def compare_trees(args: argparse.Namespace) -> None:
@@ -155,7 +157,6 @@ def compare_trees(args: argparse.Namespace) -> None:
     import os
     import statistics
     import subprocess
-    import sys
 
     trees = args.trees.split(",")
     forwarded = ["--pool", args.pool, "--method", args.method, "--trim-scope", args.trim_scope, "--out", args.out,
@@ -168,7 +169,10 @@ def compare_trees(args: argparse.Namespace) -> None:
                 env["PYTHONPATH"] = tree + os.pathsep + env.get("PYTHONPATH", "")
             done = subprocess.run([sys.executable, __file__, *forwarded], env=env, capture_output=True,
                                   text=True, check=True)
-            runs[tree].append(json.loads(done.stdout))
+            result = json.loads(done.stdout)
+            if tree != "this" and not Path(result["mergekit_core"]).resolve().is_relative_to(Path(tree).resolve()):
+                raise SystemExit(f"{tree}: its mergekit_core is not the one imported ({result['mergekit_core']})")
+            runs[tree].append(result)
     summary = {}
     for tree, results in runs.items():
         phases = {k for r in results for k in r["phases_s"]}

@@ -184,9 +184,11 @@ def run_mk_cli(pool: Path, out: Path, method: str) -> None:
     """``mk merge CONFIG`` in a fresh process: what a user runs (its startup and settings included)."""
     config = out.parent / "mk.yaml"  # JSON text: YAML reads it
     config.write_text(json.dumps(merge_config(pool, out, method, suite=True)))
-    # `python -m mergekit_core` runs what the `mk` executable runs, and also an earlier tree's (--head)
+    # `python -m mergekit_core` runs what the `mk` executable runs, and also an earlier tree's (--head,
+    # first on PYTHONPATH); run from the scratch folder, as `-m` puts the working directory first on
+    # the import path, before PYTHONPATH (from the repository root, --head would run this tree)
     subprocess.run([sys.executable, "-m", "mergekit_core", "merge", str(config), "--force"],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=out.parent)
 
 
 def run_mk(pool: Path, out: Path, method: str) -> None:
@@ -431,6 +433,12 @@ def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool,
         if method == "ties":
             kinds += ["suite-ties_model"] + (["head-ties_model"] if head else [])
     scratch.mkdir(parents=True, exist_ok=True)
+    if head:  # the head contenders must import the earlier tree, not this one
+        env = {**os.environ, "PYTHONPATH": head + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        found = subprocess.run([sys.executable, "-c", "import mergekit_core; print(mergekit_core.__file__)"], env=env,
+                               cwd=scratch, capture_output=True, text=True, check=True).stdout.strip()
+        if not Path(found).resolve().is_relative_to(Path(head).resolve()):
+            raise SystemExit(f"--head {head}: its mergekit_core is not the one imported ({found})")
     runs: dict[str, list[dict]] = {k: [] for k in kinds}
     for r in range(repeats):
         for kind in kinds:
