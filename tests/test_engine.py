@@ -214,13 +214,12 @@ def test_output_ring_reuses_two_buffers_in_turn():
     assert again.data_ptr() == a.data_ptr() and again.numel() == 50
     grown = ring.take(1000, torch.float32)  # b's 40 bytes do not: a larger buffer
     assert grown.numel() == 1000 and grown.data_ptr() != a.data_ptr()
-    ring = _OutputRing()
-    ring.SHRINK_BYTES = 1000
-    ring.take(1000, torch.float32)  # 4000 bytes: an embedding
-    y = ring.take(100, torch.float32)  # 400 bytes: a layer's tensor
-    ring.take(100, torch.float32)  # the 4000 bytes are over 1000 and 4 x 400: made anew
-    assert ring.buffers[0].numel() == 400
-    assert ring.take(100, torch.float32).data_ptr() == y.data_ptr()  # 400 bytes hold it: kept
+    ring.MAX_BYTES = 1000
+    big = ring.take(1000, torch.float32)  # 4000 bytes: an embedding gets a buffer of its own
+    assert big.numel() == 1000 and ring.buffers == [None, None]  # and the ring lets its own go
+    small = ring.take(100, torch.float32)
+    assert ring.take(10, torch.float32).data_ptr() != small.data_ptr()  # the other buffer
+    assert ring.take(100, torch.float32).data_ptr() == small.data_ptr()  # then the first again
 
 
 def test_crash_mid_merge_leaves_no_output(tmp_path, models, monkeypatch):

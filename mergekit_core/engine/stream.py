@@ -142,12 +142,14 @@ class _OutputRing:
     writer thread writes from one while the next tensor is merged into the other. The buffer
     taken now was last handed to the sink at least one sink call ago, and that call waited for
     its write (one write in flight), so it is free. Saves the page faults and zeroing of a new
-    buffer per tensor (the output's size in fresh memory per merge). A buffer is made anew when
-    it is too small, or over ``SHRINK_BYTES`` and four times what is needed (an embedding's
-    buffer is not kept through the layers after it), so peak memory stays that of two tensors
-    in flight."""
+    buffer per tensor (the output's size in fresh memory per merge).
 
-    SHRINK_BYTES = 64 << 20
+    Tensors over ``MAX_BYTES`` (embeddings, output heads) get a new buffer each, as without the
+    ring, and the ring lets its own buffers go first (a write in flight keeps its buffer until it
+    is done): around the largest tensors, where a merge's memory peaks, it holds what it held
+    without the ring."""
+
+    MAX_BYTES = 64 << 20
 
     def __init__(self) -> None:
         self.buffers: list[torch.Tensor | None] = [None, None]
@@ -157,8 +159,11 @@ class _OutputRing:
         import torch
 
         nbytes = numel * dtype.itemsize
+        if nbytes > self.MAX_BYTES:
+            self.buffers = [None, None]
+            return torch.empty(numel, dtype=dtype)
         buffer = self.buffers[self.turn]
-        if buffer is None or buffer.numel() < nbytes or buffer.numel() > max(4 * nbytes, self.SHRINK_BYTES):
+        if buffer is None or buffer.numel() < nbytes:
             self.buffers[self.turn] = None  # free the smaller one before the larger is made
             buffer = self.buffers[self.turn] = torch.empty(nbytes, dtype=torch.uint8)
         self.turn ^= 1
