@@ -184,9 +184,8 @@ class TensorMerger:
         return (self.method.linear and not self.transforms and self.plan.base is not None
                 and all(c is None or c.kind != "delta" for c in t.contributions))
 
-    def fused(self, t: TensorPlan, raw: Raw, out_dtype: torch.dtype, out: torch.Tensor | None = None) -> Merged:
-        """``base + sum_t c_t (x_t - base)``, in chunks of reused float32 buffers, cast on the fly
-        into ``out`` (host memory, ``out_dtype``, as many elements as the tensor; else a new one)."""
+    def fused(self, t: TensorPlan, raw: Raw, out_dtype: torch.dtype) -> Merged:
+        """``base + sum_t c_t (x_t - base)``, in chunks of reused float32 buffers, cast on the fly."""
         import torch
 
         indices = list(range(len(t.contributions)))
@@ -198,7 +197,7 @@ class TensorMerger:
                  zip(indices, self.linear_coefficients(group)) if raw.tensors[i] is not None]
         base = raw.base.reshape(-1)
         n = base.numel()
-        out = torch.empty(n, dtype=out_dtype) if out is None else out.reshape(-1)
+        out = torch.empty(n, dtype=out_dtype)
         narrower = loses_small_values(self.dtype, out_dtype)
         host = self.device.type == "cpu"
 

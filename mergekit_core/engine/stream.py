@@ -6,7 +6,6 @@ model. Output goes to a :class:`StreamingSafetensorsWriter`, or into a dict for 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -104,6 +103,8 @@ def finite_by_norms(merged: Merged, computed: torch.dtype, written: torch.dtype)
     output dtype whose largest value is above it (bfloat16 and float32 from float32; not float16).
     Saves a pass over every written tensor, on the fused path and the method path alike.
     """
+    import math
+
     import torch
 
     bound = 2 * math.sqrt(torch.finfo(computed).max)
@@ -137,39 +138,6 @@ class _BackgroundSink:
         self.pool.shutdown()
 
 
-class _OutputRing:
-    """Two output buffers reused in turn, for the fused path under ``background_writes``: the
-    writer thread writes from one while the next tensor is merged into the other. The buffer
-    taken now was last handed to the sink at least one sink call ago, and that call waited for
-    its write (one write in flight), so it is free. Saves the page faults and zeroing of a new
-    buffer per tensor (the output's size in fresh memory per merge).
-
-    Tensors over ``MAX_BYTES`` (embeddings, output heads) get a new buffer each, as without the
-    ring, and the ring lets its own buffers go first (a write in flight keeps its buffer until it
-    is done): around the largest tensors, where a merge's memory peaks, it holds what it held
-    without the ring."""
-
-    MAX_BYTES = 64 << 20
-
-    def __init__(self) -> None:
-        self.buffers: list[torch.Tensor | None] = [None, None]
-        self.turn = 0
-
-    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        import torch
-
-        nbytes = numel * dtype.itemsize
-        if nbytes > self.MAX_BYTES:
-            self.buffers = [None, None]
-            return torch.empty(numel, dtype=dtype)
-        buffer = self.buffers[self.turn]
-        if buffer is None or buffer.numel() < nbytes:
-            self.buffers[self.turn] = None  # free the smaller one before the larger is made
-            buffer = self.buffers[self.turn] = torch.empty(nbytes, dtype=torch.uint8)
-        self.turn ^= 1
-        return buffer[:nbytes].view(dtype)
-
-
 def stream_merge(
     merger: TensorMerger,
     sink: Callable[[str, torch.Tensor], None],
@@ -185,7 +153,7 @@ def stream_merge(
         return _stream(merger, sink, planned, progress)
     writer = _BackgroundSink(sink)
     try:
-        report = _stream(merger, writer, planned, progress, _OutputRing())
+        report = _stream(merger, writer, planned, progress)
         writer.drain()
     finally:
         writer.close()
@@ -193,7 +161,7 @@ def stream_merge(
 
 
 def _stream(merger: TensorMerger, sink: Callable[[str, torch.Tensor], None], planned: list[TensorInfo],
-            progress: Progress | None, ring: _OutputRing | None = None) -> StreamReport:
+            progress: Progress | None) -> StreamReport:
     report = StreamReport()
     todo = [t for t in merger.plan.tensors if t.action != "drop"]
     report.dropped = len(merger.plan.tensors) - len(todo)
@@ -204,8 +172,7 @@ def _stream(merger: TensorMerger, sink: Callable[[str, torch.Tensor], None], pla
         target = torch_dtype(infos[t.name].dtype)
         if t.action == "merge":
             if merger.can_fuse(t):
-                out = ring.take(math.prod(t.shape), target) if ring is not None else None
-                merged = merger.fused(t, loaded, target, out)
+                merged = merger.fused(t, loaded, target)
                 out = merged.tensor
                 computed = None
             else:
