@@ -29,7 +29,8 @@ of ``--repeats``:
   ``head-<method>``: the same command before a change, in the same run;
 - ``inproc-task_arithmetic``: the same merge by ``run_merge`` in a process that imported torch and
   mk before the clock started (the merge alone, as the floor is timed), and ``import-torch``: a
-  fresh ``python -c 'import torch'`` (most of what a fresh ``mk merge`` pays before it reads);
+  fresh ``python -c 'import torch'`` (most of what a fresh ``mk merge`` pays before it reads),
+  and ``import-torch-mk`` the same with the garbage-collector settings of the ``mk`` process;
 - ``ideal-<method>-passive`` with ``--passive-loop``: the loop with ``OMP_WAIT_POLICY=PASSIVE``,
   the OpenMP setting ``mk`` chooses for itself;
 - ``mergekit-<method>`` with ``--peer``: mergekit's ``mergekit-yaml`` on the same inputs
@@ -265,6 +266,9 @@ def child(kind: str, pool: Path, out: Path) -> None:
     start = time.perf_counter()
     if kind == "import-torch":  # the fixed cost a fresh `mk merge` pays before it reads a byte
         subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    elif kind == "import-torch-mk":  # the same with the garbage-collector settings of the mk process
+        subprocess.run([sys.executable, "-c", "from mergekit_core.cli import fewer_collections; "
+                        "fewer_collections(); import gc, torch; gc.freeze()"], check=True)
     elif kind.startswith("loop-"):
         method = kind.removeprefix("loop-")
         run_loop(pool, out, method.removesuffix("-durable"), durable=method.endswith("-durable"))
@@ -421,7 +425,7 @@ def suite(pool: Path, scratch: Path, repeats: int, head: str | None, peer: bool,
     kinds = ["floor"]
     for method in methods:
         if method == "task_arithmetic":  # the merge without the process start, and that start
-            kinds += ["inproc-task_arithmetic", "import-torch"]
+            kinds += ["inproc-task_arithmetic", "import-torch", "import-torch-mk"]
         kinds.append(f"ideal-{method}")
         if passive_loop and method != "task_arithmetic":
             kinds.append(f"ideal-{method}-passive")

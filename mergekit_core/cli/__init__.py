@@ -127,8 +127,8 @@ YOUNG_COLLECTION_THRESHOLD = 100_000
 def fewer_collections() -> None:
     """Run Python's cyclic garbage collector less often in this process: with the default
     threshold (a collection every 700 new objects, and full ones as the heap grows) importing
-    torch spends a fifth of its time in collections of its own long-lived objects. Cycles are
-    still collected, every ``YOUNG_COLLECTION_THRESHOLD`` new objects."""
+    torch spends much of its time in collections of its own long-lived objects. Cycles are still
+    collected, every ``YOUNG_COLLECTION_THRESHOLD`` new objects."""
     import gc
 
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
@@ -164,8 +164,9 @@ def console_main() -> None:
     """The ``mk`` executable: :func:`main` with the settings that belong to a process of its own
     (`quiet_idle_threads`, `fewer_collections`, `stop_cleanly_on_sigterm`), and at exit the
     objects that exist frozen (``gc.freeze``): the interpreter's last collection then skips them,
-    and nothing is left uncollected that the exit would not free anyway. ``python -c 'import
-    torch'`` here: 1.38 s; with fewer collections and the freeze, 1.07 s."""
+    and nothing is left uncollected that the exit would not free anyway. Importing torch in a
+    fresh process: 1.75 s, with fewer collections and the freeze 1.39 s (``benchmarks/
+    merge_speed.py --child import-torch`` and ``import-torch-mk``, medians of 5, alternating)."""
     import gc
 
     quiet_idle_threads()

@@ -35,8 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 PARALLEL_HASH_BYTES = 1 << 20
 """Tensors of this size and larger are hashed on a second thread while they are written: sha256
-runs at about 1.8 GB/s a core (SHA extensions), as slow as the copy into the page cache, and both
-calls release the GIL."""
+costs about as much as the copy into the page cache, and both calls release the GIL."""
 COPIED_MODEL_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
