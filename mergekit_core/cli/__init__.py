@@ -180,8 +180,7 @@ def console_main() -> None:
 
 def main(argv: Sequence[str] | None = None, host: PluginHost | None = None) -> None:
     """The ``mk`` command line run in this process (``argv``: the arguments; None: ``sys.argv``);
-    always ends with SystemExit."""
-    quiet_idle_threads()
+    always ends with SystemExit. Process-wide settings are :func:`console_main`'s."""
     debug = os.environ.get("MK_DEBUG", "") not in ("", "0")
     try:
         _shown.clear()

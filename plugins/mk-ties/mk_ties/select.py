@@ -98,13 +98,10 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
     def values(s: int, e: int) -> torch.Tensor:  # the selection's input over [s, e)
         return x[s:e].abs() if magnitudes else x[s:e]
 
-    def pattern(s: int, e: int) -> torch.Tensor:  # its float32 bit pattern
-        return values(s, e).float().contiguous().view(torch.int32)
-
     spans = [(s, min(n, s + SELECT_CHUNK)) for s in range(0, n, SELECT_CHUNK)]
     counts = torch.zeros(BUCKETS, dtype=torch.int64, device=x.device)
-    for part in map_slices(lambda span: torch.bincount(pattern(*span) >> 16, minlength=BUCKETS), spans, x.device,
-                           name="mk-ties-select"):
+    for part in map_slices(lambda span: torch.bincount(magnitude_bucket(values(*span)), minlength=BUCKETS),
+                           spans, x.device, name="mk-ties-select"):
         counts += part
     counts = counts.cpu()
     bucket, rank = locate(counts, m)
@@ -114,7 +111,7 @@ def _top(x: torch.Tensor, m: int, *, magnitudes: bool) -> torch.Tensor:
     def gather(span: tuple[int, int]) -> torch.Tensor:
         """The positions in ``span`` of the threshold's bucket; marks the higher buckets."""
         s, e = span
-        high = pattern(s, e) >> 16
+        high = magnitude_bucket(values(s, e))
         if finite:  # a higher bucket is above the threshold, which lies in this one
             torch.gt(high, bucket, out=mask[s:e])
         return torch.nonzero(high == bucket).flatten().add_(s)
